@@ -1,0 +1,19 @@
+"""nbgrader configuration for the tensor-parallelism course.
+
+Stock nbgrader commands run from the repository root: `nbgrader generate_assignment tp_linear`,
+`nbgrader autograde tp_linear`, ... The demo (`make demo`) and the tests run the same commands
+in temporary course directories with this file copied in.
+"""
+c = get_config()  # noqa: F821 (provided by nbgrader when it loads this file)
+
+c.CourseDirectory.course_id = "tp101"
+c.CourseDirectory.root = __import__("os").path.dirname(__import__("os").path.abspath(__file__))
+
+# The exercises run in well under a second per cell; 30 s leaves room for a slow, loaded grader
+# while bounding an infinite loop. On timeout the kernel is interrupted, the cell gets a
+# CellTimeoutError, and the remaining cells still run (so only the affected tests lose points).
+c.Execute.timeout = 30
+c.Execute.interrupt_on_timeout = True
+
+# What students see in place of a solution.
+c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}

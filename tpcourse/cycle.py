@@ -1,0 +1,138 @@
+"""Drive a real nbgrader course through its cycle, in a directory of its own.
+
+The demo, the tests and the benchmarks all grade through this: a temporary course root with
+the repository's nbgrader_config.py and source/ copied in, a private exchange directory, and
+the stock `nbgrader` commands run as subprocesses, exactly as an instructor runs them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from . import REPO
+
+COURSE_ID = "tp101"
+
+
+class NbgraderError(RuntimeError):
+    """An nbgrader command failed; the message carries its output."""
+
+
+@dataclass
+class Course:
+    root: Path
+    exchange: Path
+
+    # -- set-up ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path, assignments=None, extra_config: str = "") -> "Course":
+        """A fresh course in `root`: config, source notebooks and an exchange of its own."""
+        root = Path(root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        exchange = root / "exchange"
+        exchange.mkdir(exist_ok=True)
+        config = (REPO / "nbgrader_config.py").read_text()
+        config += f"\nc.Exchange.root = {str(exchange)!r}\n" + extra_config
+        (root / "nbgrader_config.py").write_text(config)
+        for name in assignments or _assignments():
+            shutil.copytree(REPO / "source" / name, root / "source" / name, dirs_exist_ok=True)
+        return cls(root, exchange)
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.root / 'gradebook.db'}"
+
+    # -- the stock commands ---------------------------------------------------------------
+    def nbgrader(self, *args, cwd: Path | None = None, timeout: float = 1800, check=True):
+        """Run `nbgrader ARGS` (from this interpreter's environment) in the course root."""
+        cmd = [sys.executable, "-m", "nbgrader", *map(str, args)]
+        proc = subprocess.run(cmd, cwd=cwd or self.root, capture_output=True, text=True,
+                              timeout=timeout, env=_clean_env())
+        if check and proc.returncode != 0:
+            raise NbgraderError(f"{' '.join(cmd[2:])} exited {proc.returncode}:\n"
+                                f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return proc
+
+    def generate(self, assignment: str):
+        return self.nbgrader("generate_assignment", assignment, "--force")
+
+    def release(self, assignment: str):
+        return self.nbgrader("release_assignment", assignment, "--force")
+
+    def fetch_as(self, student: str, assignment: str) -> Path:
+        """Fetch the released assignment into a student's own working directory."""
+        home = self.root / "students" / student
+        home.mkdir(parents=True, exist_ok=True)
+        self.nbgrader("fetch_assignment", assignment, f"--course={COURSE_ID}",
+                      f"--Exchange.root={self.exchange}", cwd=home)
+        return home / assignment
+
+    def submit_as(self, student: str, assignment: str, notebooks: dict | None = None):
+        """Fetch, overwrite the notebooks with the student's work, and `nbgrader submit`."""
+        work = self.fetch_as(student, assignment)
+        for name, nb in (notebooks or {}).items():
+            nbformat.write(nb, str(work / name))
+        home = work.parent
+        return self.nbgrader("submit", assignment, f"--course={COURSE_ID}", f"--student={student}",
+                             f"--Exchange.root={self.exchange}", cwd=home)
+
+    def collect(self, assignment: str):
+        return self.nbgrader("collect", assignment, "--update")
+
+    def place_submission(self, student: str, assignment: str, notebooks: dict, timestamp=None):
+        """Put a submission where `nbgrader collect` would (a shortcut for large test batches)."""
+        dest = self.root / "submitted" / student / assignment
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, nb in notebooks.items():
+            nbformat.write(nb, str(dest / name))
+        stamp = timestamp or time.strftime("%Y-%m-%d %H:%M:%S.000000 UTC", time.gmtime())
+        (dest / "timestamp.txt").write_text(stamp)
+        return dest
+
+    def autograde(self, assignment: str, student: str | None = None, *extra, timeout=1800):
+        args = ["autograde", assignment, "--force", *extra]
+        if student:
+            args.append(f"--student={student}")
+        return self.nbgrader(*args, timeout=timeout)
+
+    def generate_feedback(self, assignment: str):
+        return self.nbgrader("generate_feedback", assignment, "--force")
+
+    def export(self, to: Path | None = None) -> Path:
+        to = Path(to or self.root / "grades.csv")
+        self.nbgrader("export", f"--to={to}")
+        return to
+
+    # -- reading the gradebook ------------------------------------------------------------
+    def scores(self, assignment: str, student: str) -> dict[str, dict[str, tuple[float, float]]]:
+        """{notebook: {grade_id: (score, max_score)}} for one student's submission."""
+        from nbgrader.api import Gradebook
+        with Gradebook(self.db_url) as gb:
+            sub = gb.find_submission(assignment, student)
+            return {nb.name: {g.name: (float(g.score), float(g.max_score)) for g in nb.grades}
+                    for nb in sub.notebooks}
+
+    def feedback_html(self, assignment: str, student: str) -> dict[str, str]:
+        folder = self.root / "feedback" / student / assignment
+        return {p.name: p.read_text() for p in sorted(folder.glob("*.html"))}
+
+
+def _assignments():
+    return sorted(p.name for p in (REPO / "source").iterdir()
+                  if p.is_dir() and any(p.glob("*.ipynb")))
+
+
+def _clean_env():
+    """The grader's environment without a caller's Jupyter config dirs leaking in."""
+    env = dict(os.environ)
+    for key in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_PATH"):
+        env.pop(key, None)
+    env.setdefault("PYTHONHASHSEED", "0")
+    return env
