@@ -130,9 +130,11 @@ def _assignments():
 
 
 def _clean_env():
-    """The grader's environment without a caller's Jupyter config dirs leaking in."""
+    """The grader's environment: this venv first on PATH, no caller's Jupyter config dirs."""
     env = dict(os.environ)
     for key in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_PATH"):
         env.pop(key, None)
     env.setdefault("PYTHONHASHSEED", "0")
+    # nbgrader runs `alembic` (gradebook migrations) by name: find the one beside this Python.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env

@@ -1,0 +1,118 @@
+"""What every check runs inside: the genuine tpsim, a trusted recorder, and a shell whose
+error reporting a solution cell has not switched off."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import types
+
+import tpsim
+
+# The genuine module contents, captured before any student code ran.
+_GENUINE = dict(vars(tpsim))
+_FUNCTIONS = [f for f in _GENUINE.values() if isinstance(f, types.FunctionType)]
+_FUNCTIONS += [f.__wrapped__ for f in list(_FUNCTIONS) if hasattr(f, "__wrapped__")]
+_CODE = {f: (f.__code__, f.__defaults__, f.__kwdefaults__) for f in _FUNCTIONS}
+_recording = tpsim.recording
+_open_recordings = tpsim._open_recordings
+
+
+def restore_tpsim():
+    """Undo anything a notebook did to tpsim: rebound names, swapped code, changed defaults."""
+    for name, value in _GENUINE.items():
+        if vars(tpsim).get(name) is not value:
+            setattr(tpsim, name, value)
+    for f, (code, defaults, kwdefaults) in _CODE.items():
+        if f.__code__ is not code:
+            f.__code__ = code
+        if f.__defaults__ is not defaults:
+            f.__defaults__ = defaults
+        if f.__kwdefaults__ is not kwdefaults:
+            f.__kwdefaults__ = kwdefaults
+    del _open_recordings[:]   # a recording left open by a student's `with` is not ours
+
+
+@contextlib.contextmanager
+def record():
+    """The collective calls made inside the block, through the genuine recorder."""
+    restore_tpsim()
+    with _recording() as calls:
+        yield calls
+
+
+_REPORTING = ("showtraceback", "_showtraceback", "showsyntaxerror", "CustomTB",
+              "custom_exceptions")
+_MISSING = object()
+
+
+def _shell():
+    ipython = sys.modules.get("IPython")
+    return ipython.get_ipython() if ipython is not None else None
+
+
+def _reporting_state(shell):
+    return {name: vars(shell).get(name, _MISSING) for name in _REPORTING}
+
+
+# How the shell reported errors when tpgrade was imported (the setup cell, before any student
+# code): ipykernel itself sets some of these on the instance, so restore, do not delete.
+_SHELL = _shell()
+_SHELL_STATE = _reporting_state(_SHELL) if _SHELL is not None else {}
+
+
+def restore_error_reporting():
+    """A solution cell could make the shell swallow exceptions (set_custom_exc, or replacing
+    showtraceback); then a failing check would show no error and score full marks."""
+    shell = _shell()
+    if shell is None:
+        return
+    if shell is not _SHELL:          # a shell started after tpgrade's import: reset the basics
+        shell.custom_exceptions = ()
+        for name in ("showtraceback", "showsyntaxerror"):
+            if name in vars(shell):
+                delattr(shell, name)
+        return
+    for name, value in _SHELL_STATE.items():
+        current = vars(shell).get(name, _MISSING)
+        if current is value:
+            continue
+        if value is _MISSING:
+            delattr(shell, name)
+        else:
+            setattr(shell, name, value)
+
+
+def check(func):
+    """Decorator for the public checks: run them against a clean tpsim and shell."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        restore_error_reporting()
+        restore_tpsim()
+        return func(*args, **kwargs)
+    return wrapper
+
+
+class _ReadOnlyModule(types.ModuleType):
+    """A check module whose functions cannot be replaced by plain assignment
+    (`check.column_small = lambda f: None`). This only raises the bar: see the threat model.
+
+    Reading a check (`check.column_small`) restores the shell's error reporting: in a test
+    cell `check.column_small(column_parallel)` that happens before the name `column_parallel`
+    is looked up, so even a NameError (a deleted answer) cannot be swallowed.
+    """
+
+    def __getattribute__(self, name):
+        if not name.startswith("_"):
+            restore_error_reporting()
+        return super().__getattribute__(name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{self.__name__} is read-only: its checks cannot be replaced")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"{self.__name__} is read-only: its checks cannot be removed")
+
+
+def make_read_only(module_name):
+    sys.modules[module_name].__class__ = _ReadOnlyModule
