@@ -1,5 +1,6 @@
 """tpgrade: the checks catch the classic mistakes, say so in words, and are not fooled by a
 notebook that rebinds numpy helpers or tpsim."""
+import types
 import nbformat
 import numpy as np
 import pytest
@@ -135,3 +136,10 @@ def test_bad_args_check_wants_value_error():
 def test_check_modules_cannot_be_replaced_by_assignment():
     with pytest.raises(AttributeError, match="read-only"):
         tpgrade.linear.column_small = lambda f: None
+
+
+def test_the_package_cannot_swap_a_check_module():
+    # A test cell runs `import tpgrade.linear as check`, which reads the package attribute.
+    with pytest.raises(AttributeError, match="read-only"):
+        tpgrade.linear = types.SimpleNamespace(column_small=lambda f: None)
+    assert tpgrade.linear.__name__ == "tpgrade.linear"

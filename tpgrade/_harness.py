@@ -9,27 +9,43 @@ import types
 
 import tpsim
 
-# The genuine module contents, captured before any student code ran.
-_GENUINE = dict(vars(tpsim))
-_FUNCTIONS = [f for f in _GENUINE.values() if isinstance(f, types.FunctionType)]
-_FUNCTIONS += [f.__wrapped__ for f in list(_FUNCTIONS) if hasattr(f, "__wrapped__")]
-_CODE = {f: (f.__code__, f.__defaults__, f.__kwdefaults__) for f in _FUNCTIONS}
+
+class Genuine:
+    """A module's contents (all of them, or the `names` given) as they were when tpgrade was
+    imported, with the code objects and defaults of its functions, to put back before a check."""
+
+    def __init__(self, module, names=None):
+        self.module = module
+        found = vars(module)
+        self.values = {n: found[n] for n in (found if names is None else names) if n in found}
+        functions = [f for f in self.values.values() if isinstance(f, types.FunctionType)]
+        functions += [f.__wrapped__ for f in list(functions)
+                      if isinstance(getattr(f, "__wrapped__", None), types.FunctionType)]
+        self.code = {f: (f.__code__, f.__defaults__, f.__kwdefaults__) for f in functions}
+
+    def restore(self):
+        """Undo rebound names, swapped code and changed defaults."""
+        for name, value in self.values.items():
+            if vars(self.module).get(name) is not value:
+                setattr(self.module, name, value)
+        for f, (code, defaults, kwdefaults) in self.code.items():
+            if f.__code__ is not code:
+                f.__code__ = code
+            if f.__defaults__ is not defaults:
+                f.__defaults__ = defaults
+            if f.__kwdefaults__ is not kwdefaults:
+                f.__kwdefaults__ = kwdefaults
+
+
+# The genuine tpsim, captured before any student code ran.
+_TPSIM = Genuine(tpsim)
 _recording = tpsim.recording
 _open_recordings = tpsim._open_recordings
 
 
 def restore_tpsim():
     """Undo anything a notebook did to tpsim: rebound names, swapped code, changed defaults."""
-    for name, value in _GENUINE.items():
-        if vars(tpsim).get(name) is not value:
-            setattr(tpsim, name, value)
-    for f, (code, defaults, kwdefaults) in _CODE.items():
-        if f.__code__ is not code:
-            f.__code__ = code
-        if f.__defaults__ is not defaults:
-            f.__defaults__ = defaults
-        if f.__kwdefaults__ is not kwdefaults:
-            f.__kwdefaults__ = kwdefaults
+    _TPSIM.restore()
     del _open_recordings[:]   # a recording left open by a student's `with` is not ours
 
 
@@ -114,5 +130,20 @@ class _ReadOnlyModule(types.ModuleType):
         raise AttributeError(f"{self.__name__} is read-only: its checks cannot be removed")
 
 
+class _ReadOnlyPackage(_ReadOnlyModule):
+    """A package (`tpgrade` itself): `import tpgrade.linear as check` reads the attribute
+    `tpgrade.linear`, so `tpgrade.linear = fake` must fail too. Importing a submodule still
+    works: importlib sets the attribute to the module it has just put in sys.modules."""
+
+    def __setattr__(self, name, value):
+        if value is not None and value is sys.modules.get(f"{self.__name__}.{name}"):
+            types.ModuleType.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
+
 def make_read_only(module_name):
-    sys.modules[module_name].__class__ = _ReadOnlyModule
+    module = sys.modules[module_name]
+    if isinstance(module, _ReadOnlyModule):  # already locked (tpgrade locks itself on import)
+        return
+    module.__class__ = _ReadOnlyPackage if hasattr(module, "__path__") else _ReadOnlyModule

@@ -3,8 +3,11 @@
 A solution cell may rebind `np.allclose`, `np.testing.assert_allclose` or even
 `np.asarray` in the shared numpy module; the checks use these references (and ndarray
 methods/operators, which a notebook cannot rebind) so that such a rebinding cannot change
-a verdict.
+a verdict. The tp_torch checks compare in numpy too (see tpgrade._torch_trusted).
 """
+import math as _math
+import operator as _operator
+
 import numpy as _np
 
 ndarray = _np.ndarray
@@ -17,3 +20,7 @@ asarray = _np.asarray
 maximum = _np.maximum
 tanh = _np.tanh
 default_rng = _np.random.default_rng
+arange = _np.arange
+exp = _np.exp
+erf = _math.erf          # numpy has none: the gelu reference applies it elementwise
+index = _operator.index  # an int, numpy integer or 0-d torch integer tensor as an exact int

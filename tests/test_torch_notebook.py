@@ -1,0 +1,178 @@
+"""The tp_torch notebook through the real nbgrader cycle, in a temporary course.
+
+One course for the module: `nbgrader generate_assignment tp_torch`, then a single batched
+`nbgrader autograde` of the reference solution, the unmodified release and a few classic
+mistakes. The in-notebook tests (run on 2 gloo ranks inside the kernel) must give the reference
+full marks, point at the mistakes, and leave the gpu_* task cells to the gpu_runner (ungraded by
+autograde, worth their fixed points in the gradebook).
+"""
+from __future__ import annotations
+
+import re
+
+import nbformat
+import pytest
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.nbgrader
+
+from test_torch_checks import BIAS_EVERY_RANK, BIAS_ONES, NO_F, REBIND, answers_with  # noqa: E402
+from tpcourse import REPO  # noqa: E402
+from tpcourse.submissions import fill, grade_id, is_solution, read, reference_answers  # noqa: E402
+
+ASSIGNMENT = "tp_torch"
+SOURCE = REPO / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+GPU_CELLS = {"gpu_column_shards": 2, "gpu_column_forward": 3, "gpu_column_backward": 3,
+             "gpu_row_shards": 2, "gpu_row_forward": 3, "gpu_row_backward": 3,
+             "gpu_mlp_forward": 2, "gpu_mlp_backward": 2, "gpu_collective_counts": 3, "gpu_errors": 1}
+SOLUTIONS = {"sol_mappings", "sol_column_layer", "sol_row_layer", "sol_parallel_mlp"}
+
+# Classic mistakes, as edits of the reference answer: (cell, old, new, test cells that must fail,
+# a phrase the failing test's message must contain).
+MISTAKES = {
+    "no_f": ("sol_column_layer",
+             "F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)",
+             "F.linear(x, self.weight, self.bias)",
+             {"test_column_backward", "test_mlp_backward"}, "copy_to_tp_region"),
+    "bias_every_rank": ("sol_row_layer",
+                        "y = reduce_from_tp_region(F.linear(x, self.weight), self.group)",
+                        "y = reduce_from_tp_region(F.linear(x, self.weight, self.bias), self.group)\n"
+                        "        return y",
+                        {"test_row_forward", "test_mlp_forward"}, "bias added on every rank"),
+    "local_shard": ("sol_column_layer", "if self.gather_output:", "if False:",
+                    {"test_column_forward", "test_column_backward"}, "only the local shard returned"),
+}
+
+# Three mistakes, plus a solution cell that rebinds torch.allclose, torch.equal, torch.testing,
+# Tensor.__eq__, the notebook's run_on_ranks and dist.all_reduce (tests/test_torch_checks.py):
+# it must lose exactly the mistakes' tests, as it would without the rebinding.
+REBINDER = (answers_with(BIAS_ONES, NO_F, BIAS_EVERY_RANK, extra={"sol_mappings": REBIND}),
+            {"test_column_shards", "test_column_backward", "test_mlp_backward", "test_row_forward",
+             "test_mlp_forward"})
+
+
+def source_nb():
+    return read(SOURCE)
+
+
+def graded_tests(nb):
+    meta = {grade_id(c): c.metadata["nbgrader"] for c in nb.cells if "nbgrader" in c.metadata}
+    return {gid: m["points"] for gid, m in meta.items() if m.get("grade") and not m.get("solution")}
+
+
+def mistake_answers(name):
+    cell, old, new, _, _ = MISTAKES[name]
+    answers = reference_answers(source_nb())
+    assert answers[cell].count(old) == 1, f"{name}: the reference no longer contains {old!r}"
+    return {cell: answers[cell].replace(old, new)}
+
+
+@pytest.fixture(scope="module")
+def course(make_course):
+    course = make_course("tp_torch_course", [ASSIGNMENT])
+    course.generate(ASSIGNMENT)
+    release = read(course.root / "release" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb")
+    reference = reference_answers(source_nb())
+    name = f"{ASSIGNMENT}.ipynb"
+    course.place_submission("reference", ASSIGNMENT, {name: fill(release, reference)})
+    course.place_submission("unmodified", ASSIGNMENT, {name: release})
+    for student in MISTAKES:
+        answers = {**reference, **mistake_answers(student)}
+        course.place_submission(student, ASSIGNMENT, {name: fill(release, answers)})
+    course.place_submission("rebinder", ASSIGNMENT, {name: fill(release, REBINDER[0])})
+    course.autograde(ASSIGNMENT)  # one batched call for every student
+    return course
+
+
+def scores(course, student):
+    return course.scores(ASSIGNMENT, student)[ASSIGNMENT]
+
+
+# -- the source notebook itself ---------------------------------------------------------------------
+def test_source_cells_have_the_fixed_grade_ids_and_points():
+    nb = source_nb()
+    meta = {grade_id(c): (c.cell_type, c.metadata["nbgrader"]) for c in nb.cells if "nbgrader" in c.metadata}
+    for gid, points in GPU_CELLS.items():
+        kind, m = meta[gid]
+        assert kind == "markdown" and m["task"] and m["locked"] and not m["grade"] and m["points"] == points, gid
+    assert {gid for gid, (_, m) in meta.items() if m.get("solution")} == SOLUTIONS
+    kind, setup = meta["setup"]
+    assert kind == "code" and setup["locked"] and not setup["grade"] and not setup["solution"]
+    assert all(points == 1 for points in graded_tests(nb).values())
+    assert len(graded_tests(nb)) >= 10
+
+
+def test_setup_cell_imports():
+    setup = next(c.source for c in source_nb().cells if grade_id(c) == "setup")
+    for line in ("import torch", "import torch.distributed as dist", "import torch.nn as nn",
+                 "import torch.nn.functional as F", "import math",
+                 "from tpgrade.torch_ranks import run_on_ranks"):
+        assert re.search(rf"^{re.escape(line)}$", setup, re.M), line
+    # the checks capture what they rely on before any answer runs (tpgrade._torch_trusted)
+    assert re.search(r"^import tpgrade\.torch_checks\b", setup, re.M)
+
+
+# -- generate_assignment ------------------------------------------------------------------------------
+def test_release_has_stubs_and_no_solutions(course):
+    release = read(course.root / "release" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb")
+    text = nbformat.writes(release)
+    assert "BEGIN SOLUTION" not in text and "END SOLUTION" not in text
+    stubs = {grade_id(c): c.source for c in release.cells if is_solution(c)}
+    assert set(stubs) == SOLUTIONS
+    assert all("raise NotImplementedError()" in src for src in stubs.values())
+    # no line that exists only in the reference answers survives
+    skeleton = "\n".join(stubs.values())
+    for gid, answer in reference_answers(source_nb()).items():
+        private = [ln.strip() for ln in answer.splitlines() if ln.strip() and ln.strip() not in skeleton]
+        assert private, gid
+        leaked = [ln for ln in private if ln in text and len(ln) > 25]
+        assert not leaked, f"{gid}: reference lines in the release: {leaked}"
+
+
+# -- autograde ----------------------------------------------------------------------------------------
+def test_reference_gets_every_notebook_test(course):
+    got = scores(course, "reference")
+    for gid, points in graded_tests(source_nb()).items():
+        assert got[gid] == (points, points), gid
+
+
+def test_gpu_cells_are_left_to_the_gpu_runner(course):
+    from nbgrader.api import Gradebook
+    got = scores(course, "reference")
+    assert {gid: got[gid][1] for gid in GPU_CELLS} == GPU_CELLS
+    with Gradebook(course.db_url) as gb:
+        notebook = gb.find_notebook(ASSIGNMENT, ASSIGNMENT)
+        assert {c.name: c.max_score for c in notebook.task_cells} == GPU_CELLS
+        for gid in GPU_CELLS:
+            grade = gb.find_grade(gid, ASSIGNMENT, ASSIGNMENT, "reference")
+            assert grade.auto_score is None and grade.manual_score is None and grade.needs_manual_grade
+        total = gb.find_submission_notebook(ASSIGNMENT, ASSIGNMENT, "reference").max_score
+        assert total == sum(graded_tests(source_nb()).values()) + sum(GPU_CELLS.values())
+
+
+def test_unmodified_release_scores_zero(course):
+    got = scores(course, "unmodified")
+    assert all(got[gid][0] == 0 for gid in graded_tests(source_nb()))
+
+
+@pytest.mark.parametrize("student", sorted(MISTAKES))
+def test_mistakes_lose_exactly_their_tests(course, student):
+    got = scores(course, student)
+    lost = {gid for gid, points in graded_tests(source_nb()).items() if got[gid][0] < points}
+    assert lost == MISTAKES[student][3]
+
+
+@pytest.mark.parametrize("student", sorted(MISTAKES))
+def test_failing_tests_say_what_is_wrong(course, student):
+    graded = read(course.root / "autograded" / student / ASSIGNMENT / f"{ASSIGNMENT}.ipynb")
+    messages = {grade_id(c): " ".join(o.get("evalue", "") for o in c.outputs if o.output_type == "error")
+                for c in graded.cells if c.cell_type == "code"}
+    phrase = MISTAKES[student][4]
+    assert any(phrase in messages[gid] for gid in MISTAKES[student][3]), {
+        gid: messages[gid] for gid in MISTAKES[student][3]}
+
+
+def test_rebinding_torch_helpers_earns_nothing(course):
+    got = scores(course, "rebinder")
+    lost = {gid for gid, points in graded_tests(source_nb()).items() if got[gid][0] < points}
+    assert lost == REBINDER[1]
