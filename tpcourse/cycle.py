@@ -114,6 +114,7 @@ class Course:
     def scores(self, assignment: str, student: str) -> dict[str, dict[str, tuple[float, float]]]:
         """{notebook: {grade_id: (score, max_score)}} for one student's submission."""
         from nbgrader.api import Gradebook
+        ensure_tools_on_path()
         with Gradebook(self.db_url) as gb:
             sub = gb.find_submission(assignment, student)
             return {nb.name: {g.name: (float(g.score), float(g.max_score)) for g in nb.grades}
@@ -127,6 +128,14 @@ class Course:
 def _assignments():
     return sorted(p.name for p in (REPO / "source").iterdir()
                   if p.is_dir() and any(p.glob("*.ipynb")))
+
+
+def ensure_tools_on_path():
+    """nbgrader's Gradebook runs the `alembic` script by name; `make` calls .venv/bin/python
+    without activating the venv, so put this interpreter's bin/ first on PATH (in-process)."""
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
 
 
 def _clean_env():

@@ -1,0 +1,26 @@
+"""Shared fixtures for the repository's tests.
+
+Tests that run real nbgrader commands build a throwaway course with `make_course` (one per test
+module, via module-scoped fixtures) so every nbgrader call batches as much work as it can.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tpcourse.cycle import Course
+
+# A shorter per-cell limit than the course's 30 s keeps the timeout test fast; it is still a
+# real nbgrader timeout (kernel interrupted, cell marked with an error, grading goes on).
+FAST_TIMEOUT = "c.Execute.timeout = 10\n"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "nbgrader: runs real nbgrader commands in a temporary course")
+
+
+@pytest.fixture(scope="session")
+def make_course(tmp_path_factory):
+    """make_course(name, assignments=None, extra_config=FAST_TIMEOUT) -> a fresh Course."""
+    def make(name: str, assignments=None, extra_config: str = FAST_TIMEOUT) -> Course:
+        return Course.create(tmp_path_factory.mktemp(name) / "course", assignments, extra_config)
+    return make

@@ -1,0 +1,174 @@
+"""The real nbgrader cycle on the numpy assignments, in one temporary course for the module.
+
+generate_assignment, then every example student (reference, unmodified release, the whole
+catalogue of mistakes and valid alternatives, the looping one) in ONE `nbgrader autograde` call,
+then generate_feedback and export. The first reference student goes through the real
+exchange (release, fetch, submit, collect); the rest are placed where `collect` puts them.
+"""
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+
+from tpcourse.demo import as_list, failed, gradebook_scores, is_looping
+from tpcourse.examples import numpy_students as catalogue
+from tpcourse.submissions import build, grade_id, is_solution, read
+
+ASSIGNMENTS = ("tp_linear", "tp_mlp")
+REFERENCE = [s for s in as_list(catalogue.REFERENCE) if s.assignment in ASSIGNMENTS]
+UNMODIFIED = [s for s in as_list(catalogue.UNMODIFIED) if s.assignment in ASSIGNMENTS]
+STUDENTS = [s for s in as_list(catalogue.STUDENTS) if s.assignment in ASSIGNMENTS]
+WRONG = [s for s in STUDENTS if s.loses or s.loses_all]
+VALID = [s for s in STUDENTS if not (s.loses or s.loses_all)]
+LOOPING = [s for s in WRONG if is_looping(s)]
+
+pytestmark = pytest.mark.nbgrader
+
+
+def _id(sub):
+    return f"{sub.assignment}-{sub.student}"
+
+
+@pytest.fixture(scope="module")
+def graded(make_course):
+    """The course after the full cycle: {'course', 'scores': {(assignment, student): grades},
+    'tests': {assignment: {test grade_id: points}}, 'csv': rows of `nbgrader export`}."""
+    course = make_course("cycle", assignments=list(ASSIGNMENTS))
+    everyone = REFERENCE + UNMODIFIED + STUDENTS
+    keys = [(s.assignment, s.student) for s in everyone]
+    assert len(set(keys)) == len(keys), "two catalogue entries share an (assignment, student)"
+    # nbgrader's start-up dominates small commands: one call per step for both assignments
+    # ("*" is nbgrader's own assignment glob); only the exchange steps go one by one.
+    course.generate("*")
+    source, release = course.root / "source", course.root / "release"
+    via_exchange = REFERENCE[0]
+    course.release(via_exchange.assignment)
+    course.submit_as(via_exchange.student, via_exchange.assignment,
+                     build(via_exchange, source, release))
+    course.collect(via_exchange.assignment)
+    for sub in everyone:
+        if sub != via_exchange:
+            course.place_submission(sub.student, sub.assignment, build(sub, source, release))
+    course.autograde("*")  # every student of every assignment in one call
+    course.generate_feedback("*")
+    scores, tests = {}, {}
+    for assignment in ASSIGNMENTS:
+        for student, grades in gradebook_scores(course, assignment).items():
+            scores[assignment, student] = grades
+        tests[assignment] = _test_cells(source / assignment)
+    with open(course.export()) as f:
+        rows = list(csv.DictReader(f))
+    return {"course": course, "scores": scores, "tests": tests, "csv": rows}
+
+
+def _test_cells(folder):
+    """{grade_id: points} of the autograded test cells in an assignment's source notebooks."""
+    cells = {}
+    for path in sorted(folder.glob("*.ipynb")):
+        for cell in read(path).cells:
+            meta = cell.get("metadata", {}).get("nbgrader", {})
+            if meta.get("grade") and not is_solution(cell) and cell.cell_type == "code":
+                cells[grade_id(cell)] = float(meta["points"])
+    return cells
+
+
+def _grades(graded, sub):
+    key = (sub.assignment, sub.student)
+    assert key in graded["scores"], f"{sub.student} was not graded for {sub.assignment}"
+    grades = graded["scores"][key]
+    missing = set(graded["tests"][sub.assignment]) - set(grades)
+    assert not missing, f"{sub.student}: no grade recorded for {sorted(missing)}"
+    return grades
+
+
+def test_catalogue_is_complete():
+    assert {s.assignment for s in REFERENCE} == set(ASSIGNMENTS)
+    assert {s.assignment for s in UNMODIFIED} == set(ASSIGNMENTS)
+    assert len(WRONG) >= 12 and len(VALID) >= 3 and LOOPING
+
+
+@pytest.mark.parametrize("sub", REFERENCE, ids=_id)
+def test_reference_solution_gets_full_marks(graded, sub):
+    grades = _grades(graded, sub)
+    assert not failed(grades), f"reference loses points on {failed(grades)}"
+    assert sum(top for _, top in grades.values()) > 0
+
+
+@pytest.mark.parametrize("sub", UNMODIFIED, ids=_id)
+def test_unmodified_release_scores_zero(graded, sub):
+    grades = _grades(graded, sub)
+    scored = {gid: s for gid, (s, _) in grades.items() if s != 0}
+    assert not scored, f"the unmodified release scores points on {scored}"
+
+
+@pytest.mark.parametrize("sub", WRONG, ids=_id)
+def test_mistake_loses_points_exactly_where_named(graded, sub):
+    grades = _grades(graded, sub)
+    tests = graded["tests"][sub.assignment]
+    unknown = set(sub.loses) - set(tests)
+    assert not unknown, f"catalogue names grade_ids that are not test cells: {sorted(unknown)}"
+    lost = set(failed(grades))
+    if sub.loses_all:
+        assert lost >= set(tests), f"kept full marks on {sorted(set(tests) - lost)} ({sub.why})"
+    else:
+        assert lost == set(sub.loses), (
+            f"{sub.student} ({sub.why}): expected to lose {sorted(sub.loses)}, lost {sorted(lost)}")
+
+
+@pytest.mark.parametrize("sub", VALID, ids=_id)
+def test_valid_alternative_gets_full_marks(graded, sub):
+    grades = _grades(graded, sub)
+    assert not failed(grades), f"{sub.student} ({sub.why}) loses points on {failed(grades)}"
+
+
+@pytest.mark.parametrize("sub", LOOPING, ids=_id)
+def test_infinite_loop_times_out_and_scores_zero_there(graded, sub):
+    grades = _grades(graded, sub)
+    assert sub.loses, "the looping entry should name the tests its loop affects"
+    assert all(grades[gid][0] == 0 for gid in sub.loses), {g: grades[g] for g in sub.loses}
+    # The timeout is nbgrader's own (the cell gets a CellTimeoutError), and nobody else's
+    # notebook ran into it.
+    timed_out = {s: _timed_out_cells(graded["course"], assignment, s)
+                 for assignment, s in graded["scores"] if assignment == sub.assignment}
+    assert timed_out.pop(sub.student), "no cell of the looping notebook timed out"
+    assert not any(timed_out.values()), {s: c for s, c in timed_out.items() if c}
+    # Everyone else in the same autograde call was graded (the other tests check their marks).
+    others = [k for k in graded["scores"] if k[0] == sub.assignment and k[1] != sub.student]
+    assert len(others) == sum(1 for s in REFERENCE + UNMODIFIED + STUDENTS
+                              if s.assignment == sub.assignment) - 1
+
+
+def _timed_out_cells(course, assignment, student):
+    cells = []
+    for path in (course.root / "autograded" / student / assignment).glob("*.ipynb"):
+        for cell in read(path).cells:
+            if any(o.get("ename") == "CellTimeoutError" for o in cell.get("outputs", [])):
+                cells.append(grade_id(cell))
+    return cells
+
+
+@pytest.mark.parametrize("sub", [s for s in WRONG if not s.loses_all][:1] + REFERENCE[:1], ids=_id)
+def test_feedback_html_names_each_test_and_its_score(graded, sub):
+    pages = graded["course"].feedback_html(sub.assignment, sub.student)
+    assert pages, f"no feedback HTML for {sub.student}"
+    html = "".join(pages.values())
+    shown = {gid: (float(s), float(m)) for gid, s, m in re.findall(
+        r"Grade cell: <code>(\w+)</code>\s*</span>\s*<span class=\"pull-right\">\s*Score: ([\d.]+) / ([\d.]+)",
+        html)}
+    grades = _grades(graded, sub)
+    for gid in graded["tests"][sub.assignment]:
+        assert gid in shown, f"feedback does not show test {gid}"
+        assert shown[gid] == grades[gid]
+    for gid in sub.loses:  # the failed tests are named with their lost points
+        assert shown[gid][0] < shown[gid][1]
+
+
+def test_export_has_a_row_per_submission_with_its_total(graded):
+    rows = {(r["assignment"], r["student_id"]): r for r in graded["csv"]}
+    for (assignment, student), grades in graded["scores"].items():
+        row = rows[assignment, student]
+        assert float(row["raw_score"]) == pytest.approx(sum(s for s, _ in grades.values()))
+        assert float(row["max_score"]) == pytest.approx(sum(m for _, m in grades.values()))
+        assert float(row["max_score"]) >= sum(graded["tests"][assignment].values())

@@ -1,0 +1,176 @@
+"""The whole nbgrader grading cycle on the embedded defaults, with a handful of example students.
+
+    python -m tpcourse.demo            (or `make demo`)
+
+In demo_output/course (wiped first): sqlite gradebook, `nbgrader generate_assignment`,
+`release_assignment`, every student fetches and submits through the exchange, `collect`,
+`autograde`, `generate_feedback`, `export`. Prints one row per student and assignment and writes
+demo_output/grades.csv and the feedback HTML under demo_output/course/feedback/.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import REPO
+from .cycle import Course
+from .cycle import ensure_tools_on_path
+from .submissions import Submission, build
+
+NUMPY_ASSIGNMENTS = ("tp_linear", "tp_mlp")
+OUTPUT = REPO / "demo_output"
+# Which catalogue mistakes the demo shows (one correct student and the crashing one are added).
+DEMO_MISTAKES = ("local_shard", "bias_every_rank", "float32_upcast", "mlp_two_all_reduces")
+
+
+# -- the catalogue ------------------------------------------------------------------------------
+def as_list(entries) -> list[Submission]:
+    """REFERENCE / UNMODIFIED may be one Submission or a collection of them."""
+    if isinstance(entries, Submission):
+        return [entries]
+    if isinstance(entries, dict):
+        return list(entries.values())
+    return list(entries)
+
+
+def catalogue():
+    """(reference, unmodified, students) from tpcourse.examples.numpy_students."""
+    from .examples import numpy_students as cat
+    return as_list(cat.REFERENCE), as_list(cat.UNMODIFIED), as_list(cat.STUDENTS)
+
+
+def is_looping(sub: Submission) -> bool:
+    return "loop" in sub.student
+
+
+def is_crashing(sub: Submission) -> bool:
+    return "crash" in sub.student
+
+
+def demo_students() -> list[Submission]:
+    """One correct student, a few classic mistakes and the crashing one, per numpy assignment."""
+    reference, _, students = catalogue()
+    picked = [s for s in reference if s.assignment in NUMPY_ASSIGNMENTS]
+    wrong = [s for s in students if s.assignment in NUMPY_ASSIGNMENTS and (s.loses or s.loses_all)
+             and not is_looping(s)]  # the looping student would only add a 30 s timeout per cell
+    named = [s for s in wrong if s.student in DEMO_MISTAKES]
+    picked += named or [s for s in wrong if not is_crashing(s)][:4]
+    picked += [s for s in wrong if is_crashing(s)][:2]
+    return picked
+
+
+# -- reading results ----------------------------------------------------------------------------
+def gradebook_scores(course: Course, assignment: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """{student: {grade_id: (score, max)}} for every submission, in one gradebook session
+    (opening nbgrader's Gradebook costs about a second, so not once per student)."""
+    from nbgrader.api import Gradebook
+    ensure_tools_on_path()
+    result = {}
+    with Gradebook(course.db_url) as gb:
+        for sub in gb.assignment_submissions(assignment):
+            grades = {}
+            for nb in sub.notebooks:
+                for g in nb.grades:
+                    if g.name in grades:
+                        raise ValueError(f"grade_id {g.name} in two notebooks of {assignment}")
+                    grades[g.name] = (float(g.score or 0), float(g.max_score))
+            result[sub.student.id] = grades
+    return result
+
+
+def failed(grades: dict[str, tuple[float, float]]) -> list[str]:
+    return sorted(gid for gid, (score, top) in grades.items() if score < top)
+
+
+# -- the cycle ----------------------------------------------------------------------------------
+def run(output: Path = OUTPUT, students: list[Submission] | None = None, log=print) -> dict:
+    students = demo_students() if students is None else students
+    shutil.rmtree(output, ignore_errors=True)
+    course = Course.create(output / "course")
+    assignments = [a for a in NUMPY_ASSIGNMENTS if (course.root / "source" / a).is_dir()]
+    results = {}
+    for assignment in assignments:
+        subs = [s for s in students if s.assignment == assignment]
+        t0 = time.perf_counter()
+        course.generate(assignment)
+        course.release(assignment)
+        for sub in subs:  # fetch + submit through the exchange, as a student does
+            course.submit_as(sub.student, assignment, build(sub, course.root / "source",
+                                                            course.root / "release"))
+        course.collect(assignment)
+        course.autograde(assignment)  # one call grades every collected submission
+        course.generate_feedback(assignment)
+        results[assignment] = gradebook_scores(course, assignment)
+        log(f"{assignment}: {len(subs)} students graded in {time.perf_counter() - t0:.0f} s")
+    if grade_tp_torch_with_gpu_runner(course, log):
+        results["tp_torch"] = gradebook_scores(course, "tp_torch")
+    csv = course.export(output / "grades.csv")
+    return {"course": course, "results": results, "csv": csv}
+
+
+def grade_tp_torch_with_gpu_runner(course: Course, log=print) -> bool:
+    """HOOK: tp_torch's layers run on real ranks under torchrun, which nbgrader cannot do; the
+    gpu_runner package grades them and writes the scores into this course's gradebook.
+    Skipped until both the assignment (source/tp_torch) and `gpu_runner.grade` exist."""
+    if not (REPO / "source" / "tp_torch").is_dir():
+        log("tp_torch: no source/tp_torch yet, skipped")
+        return False
+    if importlib.util.find_spec("gpu_runner") is None or \
+            importlib.util.find_spec("gpu_runner.grade") is None:
+        log("tp_torch: gpu_runner.grade not importable yet, skipped")
+        return False
+    assignment = "tp_torch"
+    course.generate(assignment)
+    course.release(assignment)
+    course.submit_as("reference", assignment,
+                     build(Submission("reference", assignment), course.root / "source",
+                           course.root / "release"))
+    course.collect(assignment)
+    course.autograde(assignment)
+    proc = subprocess.run([sys.executable, "-m", "gpu_runner.grade", assignment,
+                           "--course-root", str(course.root)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(f"tp_torch: gpu_runner.grade exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        return False
+    course.generate_feedback(assignment)
+    log("tp_torch: graded by gpu_runner")
+    return True
+
+
+def table(results: dict) -> str:
+    rows = [("student", "assignment", "score", "failed tests")]
+    for assignment, by_student in results.items():
+        for student, grades in sorted(by_student.items()):
+            score = sum(s for s, _ in grades.values())
+            top = sum(m for _, m in grades.values())
+            lost = failed(grades)
+            shown = f"all {len(lost)} tests" if lost and len(lost) == len(grades) else \
+                ", ".join(lost) or "-"
+            rows.append((student, assignment, f"{score:g} / {top:g}", shown))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    lines.insert(1, "-" * (sum(widths) + 6 + len(rows[0][3])))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=OUTPUT, help="wiped and recreated")
+    args = parser.parse_args(argv)
+    out = run(args.output.resolve())
+    print()
+    print(table(out["results"]))
+    print()
+    print(f"grades (nbgrader export): {out['csv']}")
+    print(f"feedback HTML:            {out['course'].root / 'feedback'}/<student>/<assignment>/")
+    print(f"gradebook:                {out['course'].root / 'gradebook.db'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
