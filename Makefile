@@ -30,6 +30,7 @@ release: venv
 
 bench: venv
 	$(BIN)/python bench/autograde_bench.py
+	$(BIN)/python bench/gpu_runner_bench.py
 
 clean:
 	rm -rf $(VENV) demo_output bench_output

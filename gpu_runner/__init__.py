@@ -1,0 +1,2 @@
+"""Grade the tp_torch assignment on real ranks: torchrun jobs whose results join nbgrader's
+gradebook. Entry point: `python -m gpu_runner.grade ASSIGNMENT` (see gpu_runner/README.md)."""

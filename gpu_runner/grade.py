@@ -1,0 +1,167 @@
+"""Grade an assignment's submissions on real ranks and record the scores in nbgrader.
+
+    python -m gpu_runner.grade tp_torch                      # every student in submitted/
+    python -m gpu_runner.grade tp_torch --student alice      # one student
+    python -m gpu_runner.grade tp_torch --shard 0/8 --no-gradebook   # one of 8 parallel jobs
+    python -m gpu_runner.grade tp_torch --load-reports       # write finished reports to the db
+
+For each student: extract the solution cells of the submitted notebook into a module, run
+one torchrun launch for all world sizes (relaunching only after a fault), score the gpu_*
+cells, write <reports>/<student>/report.json and timing.png, and set the cells' scores and
+comments in the gradebook (after `nbgrader autograde`, before `nbgrader export` /
+`generate_feedback`). One student's failure never stops the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import extract, gradebook, report
+from .launch import Config, run_submission
+from .plan import make_plan
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m gpu_runner.grade",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("assignment")
+    ap.add_argument("--student", action="append", default=[],
+                    help="grade only this student (repeatable); default: all submissions")
+    ap.add_argument("--course-root", default=".", help="nbgrader course root (default: .)")
+    ap.add_argument("--db-url", default=None,
+                    help="gradebook URL (default: sqlite:///<course-root>/gradebook.db)")
+    ap.add_argument("--reports", default=None,
+                    help="report folder (default: <course-root>/gpu_reports/<assignment>)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
+                    help="auto: NCCL with one rank per GPU when there are enough GPUs, else gloo")
+    ap.add_argument("--world-sizes", default=None,
+                    help="comma-separated, e.g. 1,2,3,4 (default: 1-4 on CPU, 1-#GPUs on NCCL)")
+    ap.add_argument("--timeout", type=float, default=900.0,
+                    help="wall-clock limit of one torchrun launch, seconds")
+    ap.add_argument("--pg-timeout", type=float, default=60.0,
+                    help="process-group timeout: a collective waiting longer fails (deadlock)")
+    ap.add_argument("--step-timeout", type=float, default=0.0,
+                    help="a test running longer is killed (loop); default 2 x --pg-timeout")
+    ap.add_argument("--max-launches", type=int, default=4,
+                    help="launches per submission, the first plus relaunches after faults")
+    ap.add_argument("--shard", default=None, help="I/N: grade every N-th student from the I-th")
+    ap.add_argument("--no-timing", action="store_true", help="skip the compute/comm timing")
+    ap.add_argument("--no-gradebook", action="store_true",
+                    help="write the reports only (parallel shards); then --load-reports")
+    ap.add_argument("--load-reports", action="store_true",
+                    help="run nothing: write the existing reports' scores into the gradebook")
+    return ap.parse_args(argv)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:       # a broken CUDA set-up: grade on CPU
+        return 0
+
+
+def backend_and_sizes(backend: str, sizes: str | None):
+    gpus = 0 if backend == "gloo" else _gpu_count()    # gloo: no need to import torch here
+    wanted = [int(s) for s in sizes.split(",")] if sizes else None
+    if backend == "auto":
+        need = max(wanted) if wanted else 2
+        backend = "nccl" if gpus >= need else "gloo"
+    if wanted is None:
+        wanted = list(range(1, gpus + 1)) if backend == "nccl" else [1, 2, 3, 4]
+    if backend == "nccl" and max(wanted) > gpus:
+        raise SystemExit(f"nccl needs one GPU per rank: world size {max(wanted)} > {gpus} GPUs")
+    return backend, tuple(sorted(set(wanted)))
+
+
+def source_notebook(root: Path, assignment: str) -> Path:
+    for path in sorted((root / "source" / assignment).glob("*.ipynb")):
+        if extract.gpu_cells(extract.read(path)):
+            return path
+    raise SystemExit(f"no notebook with gpu_* cells in {root / 'source' / assignment}")
+
+
+def preflight(src_path: Path) -> None:
+    """Run the source notebook's setup cell once, alone: if it fails here, every submission
+    would fail on import through no fault of its own, so grade nobody and say why."""
+    code = "\n\n".join(extract.setup_cells(extract.read(src_path)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(f"gpu_runner: the setup cell of {src_path} fails outside the notebook; "
+                         f"nothing graded:\n{proc.stderr[-2000:]}")
+
+
+def students(root: Path, assignment: str, wanted, shard) -> list[str]:
+    names = wanted or sorted(p.parent.name for p in (root / "submitted").glob(f"*/{assignment}")
+                             if p.is_dir())
+    if shard:
+        i, n = (int(x) for x in shard.split("/"))
+        names = names[i::n]
+    return names
+
+
+def grade_student(student, args, root, src_path, cfg, reports) -> dict:
+    source_nb = extract.read(src_path)
+    folder = reports / student
+    sub_path = root / "submitted" / student / args.assignment / src_path.name
+    if not sub_path.exists():
+        raise FileNotFoundError(f"no submission {sub_path}")
+    module = folder / "solution.py"
+    missing = extract.write_module(source_nb, extract.read(sub_path), module)
+    plan = make_plan(cfg.sizes, timing=not args.no_timing)
+    start = time.monotonic()
+    results, launches = run_submission(module, folder / "runs", plan, cfg)
+    rep = report.build(student, args.assignment, src_path.stem, extract.gpu_cells(source_nb),
+                       plan, results, launches, cfg, time.monotonic() - start)
+    rep["missing_cells"] = missing
+    report.write(rep, folder)
+    return rep
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    root = Path(args.course_root).resolve()
+    db_url = args.db_url or f"sqlite:///{root / 'gradebook.db'}"
+    reports = Path(args.reports or root / "gpu_reports" / args.assignment).resolve()
+    src_path = source_notebook(root, args.assignment)
+    names = students(root, args.assignment, args.student, args.shard)
+    failures = 0
+    cfg = None
+    if not args.load_reports:
+        backend, sizes = backend_and_sizes(args.backend, args.world_sizes)
+        if names:
+            preflight(src_path)
+        cfg = Config(sizes=sizes, backend=backend, pg_timeout=args.pg_timeout,
+                     step_timeout=args.step_timeout, wall_timeout=args.timeout,
+                     max_launches=args.max_launches)
+        print(f"gpu_runner: {len(names)} submission(s) of {args.assignment}, backend {backend}, "
+              f"world sizes {','.join(map(str, sizes))}", flush=True)
+    for student in names:
+        try:
+            if args.load_reports:
+                rep = json.loads((reports / student / "report.json").read_text())
+            else:
+                rep = grade_student(student, args, root, src_path, cfg, reports)
+            if not args.no_gradebook:
+                gradebook.write_scores(db_url, args.assignment, rep["notebook"], student,
+                                       report.scores(rep))
+            faults = "; ".join(f["unit"] for f in rep["faults"])
+            print(f"{student}: {rep['score']:g}/{rep['max_score']:g} in {rep['seconds']:.1f}s, "
+                  f"{len(rep['launches'])} launch(es)" + (f", faults: {faults}" if faults else ""),
+                  flush=True)
+        except Exception as exc:  # one bad submission never stops the class
+            failures += 1
+            print(f"{student}: NOT GRADED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Grade one extracted submission: torchrun launches (one, unless a fault forces a relaunch)
+and the reading of what the ranks recorded.
+
+One launch runs every unit of the plan at every world size. When a unit faults (a deadlock, a
+crash, a rank that left, a loop), the job ends; the units that finished keep their results,
+the faulty unit and the units it makes pointless (plan.skipped_by_fault) score 0 with the
+reason, and the rest run in a relaunch, at most `max_launches` launches in all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .plan import Unit, skipped_by_fault
+
+_FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")
+
+
+@dataclass
+class Config:
+    sizes: tuple = (1, 2, 3, 4)
+    backend: str = "gloo"
+    pg_timeout: float = 60.0        # a collective waiting longer than this fails (deadlock)
+    step_timeout: float = 0.0       # a unit running longer is killed (loop); 0: 2 * pg_timeout
+    wall_timeout: float = 900.0     # the whole launch
+    max_launches: int = 4
+    env: dict = field(default_factory=dict)
+    # wrap(torchrun_argv, launch_dir) -> argv: where a confinement (e.g. tpcourse.sandbox.wrap)
+    # plugs in; the records must stay writable in launch_dir and the module readable.
+    wrap: object = None
+
+    @property
+    def world(self) -> int:
+        return max(self.sizes)
+
+    @property
+    def unit_timeout(self) -> float:
+        return self.step_timeout or 2 * self.pg_timeout
+
+
+@dataclass
+class UnitResult:
+    unit: Unit
+    checks: dict            # name -> (ok, detail), merged over the unit's ranks
+    status: str             # ok | failed | fault | skipped | not_run
+    reason: str = ""
+    timing: dict | None = None
+
+
+def run_submission(module: Path, workdir: Path, plan: list[Unit], cfg: Config):
+    """-> ({unit id: UnitResult}, [launch summaries])."""
+    results: dict[str, UnitResult] = {}
+    launches = []
+    while len(launches) < cfg.max_launches:
+        todo = [u for u in plan if u.id not in results]
+        if not todo:
+            break
+        out = Path(workdir) / f"launch{len(launches)}"
+        out.mkdir(parents=True, exist_ok=True)
+        sup = _launch(module, out, todo, cfg, len(launches))
+        records = _read_records(out)
+        summary = {"units": len(todo), **sup}
+        launches.append(summary)
+        progress = _interpret(records, todo, cfg, sup, (out / "torchrun.log"), results)
+        summary["completed"] = progress
+        if progress == 0:
+            break
+    for u in plan:
+        if u.id not in results:
+            why = (f"not run: gave up after {len(launches)} launches" if launches
+                   and len(launches) >= cfg.max_launches else "not run: the launch failed")
+            results[u.id] = _failed(u, "not_run", why + _launch_hint(launches))
+    return results, launches
+
+
+def _launch_hint(launches):
+    if not launches or launches[-1].get("completed"):
+        return ""
+    last = launches[-1]
+    return f" (torchrun exit {last['rc']}{', wall-clock limit reached' if last['timed_out'] else ''}; see {last['log']})"
+
+
+def _launch(module, out, todo, cfg, index):
+    """One supervised torchrun job; returns the supervisor's result plus the log path."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nnodes=1", f"--nproc-per-node={cfg.world}", "--max-restarts=0",
+                "-m", "gpu_runner.worker",
+                "--module", str(module), "--out", str(out),
+                "--units", ",".join(u.id for u in todo),
+                "--sizes", ",".join(map(str, sorted(cfg.sizes))),
+                "--backend", cfg.backend, "--pg-timeout", str(cfg.pg_timeout),
+                "--step-timeout", str(cfg.unit_timeout), "--launch", str(index)]
+    if cfg.wrap is not None:
+        torchrun = cfg.wrap(torchrun, out)
+    result_file = out / "supervisor.json"
+    cmd = [sys.executable, "-m", "gpu_runner.supervise", "--timeout", str(cfg.wall_timeout),
+           "--result", str(result_file), "--", *torchrun]
+    # NCCL: a timed-out collective raises in the rank (recorded as a fault) instead of the
+    # watchdog aborting the whole process.
+    nccl = {"TORCH_NCCL_BLOCKING_WAIT": "1"} if cfg.backend == "nccl" else {}
+    env = {**os.environ, **nccl, **cfg.env, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    log = out / "torchrun.log"
+    with open(log, "w") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(out),
+                       timeout=cfg.wall_timeout + 60)
+    sup = json.loads(result_file.read_text())
+    return {"rc": sup["rc"], "timed_out": sup["timed_out"], "seconds": round(sup["seconds"], 2),
+            "killed": len(sup["killed"]), "log": str(log)}
+
+
+def _read_records(out):
+    records = {}
+    for path in Path(out).glob("rank*.jsonl"):
+        rank = int(path.stem[4:])
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:     # a line cut by a kill
+                continue
+        records[rank] = rows
+    return records
+
+
+def _interpret(records, todo, cfg, sup, log, results) -> int:
+    """Fill `results` from one launch's records; returns how many units got a result."""
+    world = cfg.world
+    ends, starts, watchdog = {}, {}, {}
+    import_errors = []
+    for rank, rows in records.items():
+        for row in rows:
+            ev = row["event"]
+            if ev == "start":
+                starts.setdefault(row["unit"], set()).add(rank)
+            elif ev == "end":
+                ends.setdefault(row["unit"], {})[rank] = row
+            elif ev == "watchdog":
+                watchdog[rank] = row
+            elif ev == "import_error":
+                import_errors.append((rank, row["error"]))
+    if not import_errors and any(w.get("unit") == "import" for w in watchdog.values()):
+        import_errors = [(0, f"still importing after {cfg.unit_timeout:.0f}s")]
+    if import_errors:
+        rank, error = import_errors[0]
+        for u in todo:
+            results[u.id] = _failed(u, "failed", f"the solution cells fail on import: {error}")
+        return len(todo)
+
+    before = len(results)
+    for u in todo:
+        members = list(u.members(world))
+        got = ends.get(u.id, {})
+        if all(r in got for r in members) and not any(got[r].get("fault") for r in members):
+            results[u.id] = _merge(u, {r - members[0]: got[r] for r in members})
+            continue
+        if not starts.get(u.id) and not any(w.get("unit") == u.id for w in watchdog.values()):
+            continue   # never reached (an earlier fault ended the launch)
+        reason = _fault_reason(u, members, got, starts.get(u.id, set()), watchdog, sup, log)
+        results[u.id] = _failed(u, "fault", reason)
+        for other in skipped_by_fault(u, [t for t in todo if t.id not in results]):
+            results[other.id] = _failed(other, "skipped",
+                                        f"not run after the fault in {u.id}")
+        break
+    return len(results) - before
+
+
+_SOURCE_LOCATION = re.compile(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
+
+
+def _fault_reason(u, members, got, started, watchdog, sup, log):
+    """One line: what happened on which ranks (group ranks), the same story told once."""
+    by_story: dict[str, list[int]] = {}
+    exits = _exit_codes(log)
+    for r in members:
+        story = None
+        if r in got and got[r].get("fault"):
+            story = f"collective failed: {_short(got[r]['fault'])}"
+        elif watchdog.get(r, {}).get("unit") == u.id:
+            story = f"still running after {watchdog[r]['seconds']:.0f}s (infinite loop or hang), killed"
+        elif r in started and r not in got:
+            code = exits.get(r)
+            if code is not None and code < 0:
+                story = f"died of signal {_signal_name(-code)}"
+            elif code is not None:
+                story = f"exited with code {code} in the middle of the test"
+            elif not sup["timed_out"]:
+                story = "left in the middle of the test (os._exit / sys.exit?)"
+        if story:
+            by_story.setdefault(story, []).append(r - members[0])
+    reasons = [f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} of {u.size}: {story}"
+               for story, rs in by_story.items()]
+    if sup["timed_out"]:
+        reasons.append("wall-clock limit of the launch reached; every worker was killed")
+    return "; ".join(reasons) or "the job ended during this test"
+
+
+def _short(fault: str) -> str:
+    """A backend's error in one sentence, with what it most likely means."""
+    text = _SOURCE_LOCATION.sub("", fault)
+    text = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    low = text.lower()
+    if "timed out" in low or "timeout" in low:
+        return f"{text} (deadlock? a collective not called on every rank)"
+    if "connection closed" in low or "connection reset" in low or "broken pipe" in low:
+        return f"{text} (a peer rank left or crashed)"
+    return text
+
+
+def _exit_codes(log):
+    """{global rank: exit code} from torchrun's failure summary (ChildFailedError)."""
+    try:
+        text = Path(log).read_text(errors="replace")
+    except OSError:
+        return {}
+    codes = {}
+    for rank, code in _FAILURE.findall(text):
+        codes.setdefault(int(rank), int(code))
+    return codes
+
+
+def _signal_name(num):
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return str(num)
+
+
+def _merge(u: Unit, ends: dict) -> UnitResult:
+    """A sub-check passes when it passed on every rank of the group."""
+    checks = {}
+    for name in u.checks():
+        bad = [(gr, row["checks"].get(name, [False, "not reported"])[1])
+               for gr, row in sorted(ends.items())
+               if not row["checks"].get(name, [False])[0]]
+        detail = ""
+        if bad:   # a phase failure already names its rank
+            detail = bad[0][1] if bad[0][1].startswith("rank ") else \
+                f"rank {bad[0][0]} of {u.size}: {bad[0][1]}"
+        checks[name] = (not bad, detail)
+    statuses = {row["status"] for row in ends.values()}
+    errors = [row["error"] for row in ends.values() if row.get("error")]
+    timing = None
+    if u.kind == "timing" and all("timing" in row for row in ends.values()):
+        per_rank = [row["timing"] for row in ends.values()]
+        timing = {k: sum(t[k] for t in per_rank) / len(per_rank) for k in per_rank[0]}
+    status = "ok" if statuses == {"ok"} else "failed"
+    return UnitResult(u, checks, status, errors[0] if errors else "", timing)
+
+
+def _failed(u: Unit, status: str, reason: str) -> UnitResult:
+    return UnitResult(u, {name: (False, reason) for name in u.checks()}, status, reason)

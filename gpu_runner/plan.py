@@ -1,0 +1,119 @@
+"""What one launch checks: test units, the sub-checks each one reports, and their grade cells.
+
+A unit is one self-contained step of one layer at one world size ("row.forward@3"); it runs
+on the ranks of a group of that size and reports named sub-checks. A gpu_* cell scores
+points * (its sub-checks passed / its sub-checks planned), so a unit that never ran (a fault)
+counts as failed, never as absent.
+
+Order: per layer, its shards at every size first (cheap, in before any fault), then its other
+steps size by size. After a fault in unit U, the units of U's layer at world sizes >= U's are
+skipped (a deadlocking forward would deadlock again there); everything else runs in a
+relaunch, so a layer that faults at size 2 costs no relaunch when it is the last layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STEPS = {
+    "errors": ("nopg", "shape"),
+    "column": ("shards", "forward", "backward", "local"),
+    "row": ("shards", "forward", "backward", "full"),
+    "mlp": ("forward", "backward"),
+}
+TIMED_LAYERS = ("column", "row", "mlp")
+
+# Sub-checks per (layer, step). A trailing "*" marks a check made at world size >= 2 only
+# (collective counts: at size 1 a layer may rightly skip its collectives; empty shards).
+CHECKS = {
+    ("errors", "nopg"): ("errors.no_group_column", "errors.no_group_row"),
+    ("errors", "shape"): ("errors.bad_shape_column", "errors.bad_shape_row"),
+    ("column", "shards"): ("column.shards", "column.default_init", "column.no_bias",
+                           "column.empty_shard*"),
+    ("column", "forward"): ("column.forward", "column.forward_nd", "counts.column_gather*"),
+    ("column", "backward"): ("column.grad_weight", "column.grad_bias", "column.grad_input"),
+    ("column", "local"): ("column.forward_local", "column.grad_input_local",
+                          "counts.column_forward*", "counts.column_backward*"),
+    ("row", "shards"): ("row.shards", "row.default_init"),
+    ("row", "forward"): ("row.forward", "counts.row_forward*"),
+    ("row", "backward"): ("row.grad_weight", "row.grad_bias", "row.grad_input",
+                          "counts.row_backward*"),
+    ("row", "full"): ("row.forward_full", "row.grad_input_full"),
+    ("mlp", "forward"): ("mlp.forward", "counts.mlp_forward*"),
+    ("mlp", "backward"): ("mlp.grad_weights", "mlp.grad_biases", "mlp.grad_input",
+                          "counts.mlp_backward*"),
+}
+
+
+@dataclass(frozen=True)
+class Unit:
+    kind: str     # errors | column | row | mlp | timing
+    step: str     # see STEPS; for timing: the layer timed
+    size: int     # world size of the group it runs on
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}.{self.step}@{self.size}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Unit":
+        name, size = text.split("@")
+        kind, step = name.split(".")
+        return cls(kind, step, int(size))
+
+    @property
+    def graded(self) -> bool:
+        return self.kind != "timing"
+
+    def checks(self) -> tuple[str, ...]:
+        """Sub-check names (without the "@size") this unit must report."""
+        if not self.graded:
+            return ()
+        names = CHECKS[(self.kind, self.step)]
+        return tuple(n.rstrip("*") for n in names if not n.endswith("*") or self.size >= 2)
+
+    def members(self, world: int) -> range:
+        """Global ranks of the unit's group: the LAST `size` ranks, so that a group rank differs
+        from the global rank and code that ignores `group=` gets caught."""
+        return range(world - self.size, world)
+
+
+def make_plan(sizes, timing: bool = True) -> list[Unit]:
+    sizes = sorted(set(sizes))
+    world = sizes[-1]
+    units = [Unit("errors", step, world) for step in STEPS["errors"]]
+    for kind in ("column", "row", "mlp"):
+        steps = STEPS[kind]
+        if steps[0] == "shards":    # cheap and independent: in before any fault can happen
+            units += [Unit(kind, "shards", p) for p in sizes]
+            steps = steps[1:]
+        units += [Unit(kind, step, p) for p in sizes for step in steps]
+    if timing:
+        units += [Unit("timing", layer, p) for layer in TIMED_LAYERS for p in sizes]
+    return units
+
+
+def skipped_by_fault(fault: Unit, pending: list[Unit]) -> list[Unit]:
+    """Units not to retry after `fault`: the same layer (its checks or its timing) at the same
+    or larger world sizes."""
+    layer = fault.step if fault.kind == "timing" else fault.kind
+    return [u for u in pending if u != fault and u.size >= fault.size
+            and layer in (u.kind, u.step if u.kind == "timing" else None)]
+
+
+def cell_of(check: str) -> str:
+    """The gpu_* grade cell a sub-check counts towards."""
+    family, name = check.split("@")[0].split(".")
+    if family == "errors":
+        return "gpu_errors"
+    if family == "counts":
+        return "gpu_collective_counts"
+    if name in ("shards", "default_init", "no_bias", "empty_shard"):
+        return f"gpu_{family}_shards"
+    if name.startswith("forward"):
+        return f"gpu_{family}_forward"
+    return f"gpu_{family}_backward"
+
+
+def planned_checks(plan: list[Unit]) -> dict[str, str]:
+    """{"column.forward@3": "gpu_column_forward", ...} for every graded unit of the plan."""
+    return {f"{name}@{u.size}": cell_of(name) for u in plan for name in u.checks()}

@@ -1,0 +1,87 @@
+"""From unit results to cell scores, comments and the per-student JSON report.
+
+Score of a gpu_* cell = points * (its sub-checks passed / its sub-checks planned). A
+sub-check is one check of one unit at one world size ("column.forward@3"); plan.CHECKS and
+plan.cell_of say which cell it counts towards. Sub-checks of a unit that faulted, was skipped
+after a fault or never ran count as failed, with the reason as their detail.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .plan import planned_checks
+
+MAX_LISTED = 6
+
+
+def build(student, assignment, notebook, cells, plan, results, launches, cfg, seconds) -> dict:
+    planned = planned_checks(plan)
+    checks = {}
+    for u in plan:
+        r = results[u.id]
+        for name, (ok, detail) in r.checks.items():
+            checks[f"{name}@{u.size}"] = {"ok": ok, "detail": detail, "cell": planned[f"{name}@{u.size}"],
+                                          "status": r.status}
+    report_cells = {}
+    for gid, points in cells.items():
+        ids = [c for c, cell in planned.items() if cell == gid]
+        passed = [c for c in ids if checks[c]["ok"]]
+        score = round(points * len(passed) / len(ids), 3) if ids else 0.0
+        report_cells[gid] = {"score": score, "points": points, "passed": len(passed),
+                             "total": len(ids),
+                             "comment": _comment(gid, ids, checks, cfg)}
+    faults = [{"unit": r.unit.id, "status": r.status, "reason": r.reason}
+              for r in results.values() if r.status in ("fault", "not_run")]
+    skipped = [r.unit.id for r in results.values() if r.status == "skipped"]
+    return {
+        "student": student, "assignment": assignment, "notebook": notebook,
+        "backend": cfg.backend, "world_sizes": sorted(cfg.sizes),
+        "score": round(sum(c["score"] for c in report_cells.values()), 3),
+        "max_score": sum(c["points"] for c in report_cells.values()),
+        "seconds": round(seconds, 2), "launches": launches,
+        "cells": report_cells, "faults": faults, "skipped_after_fault": skipped,
+        "timing": _timing(results), "checks": checks,
+    }
+
+
+def _comment(gid, ids, checks, cfg) -> str:
+    if not ids:
+        return "gpu_runner: no checks are defined for this cell"
+    failed = [c for c in ids if not checks[c]["ok"]]
+    head = (f"gpu_runner ({cfg.backend}, world sizes {', '.join(map(str, sorted(cfg.sizes)))}): "
+            f"{len(ids) - len(failed)}/{len(ids)} checks passed.")
+    if not failed:
+        return head
+    lines = [f"- {c}: {checks[c]['detail']}" for c in failed[:MAX_LISTED]]
+    if len(failed) > MAX_LISTED:
+        lines.append(f"- ... and {len(failed) - MAX_LISTED} more (see the gpu_runner report)")
+    return head + " Failed:\n" + "\n".join(lines)
+
+
+def _timing(results) -> dict:
+    """{layer: {world size: {"compute_ms", "comm_ms", "total_ms"}}} (mean over the ranks)."""
+    out = {}
+    for r in results.values():
+        if r.unit.kind == "timing" and r.timing:
+            out.setdefault(r.unit.step, {})[str(r.unit.size)] = {
+                k: round(v, 3) for k, v in r.timing.items()}
+    return out
+
+
+def write(report: dict, folder: Path) -> Path:
+    """report.json (and timing.png when there are timings) in `folder`."""
+    from .timing import plot
+    folder.mkdir(parents=True, exist_ok=True)
+    if report["timing"]:
+        plot(report["timing"], folder / "timing.png",
+             f"{report['student']}: compute vs collectives ({report['backend']})")
+        report["timing_plot"] = str(folder / "timing.png")
+    path = folder / "report.json"
+    path.write_text(json.dumps(report, indent=1, sort_keys=False))
+    return path
+
+
+def scores(report: dict) -> dict[str, tuple[float, str]]:
+    """{grade_id: (score, comment)} for the gradebook."""
+    return {gid: (c["score"], c["comment"]) for gid, c in report["cells"].items()}
