@@ -6,9 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test release bench clean
+.PHONY: venv system demo test release bench bench-class grade clean
 
-venv: $(STAMP)
+venv: $(STAMP) system
+
+# System packages for the grading sandbox (bubblewrap, prlimit/setpriv) and the Postgres
+# gradebook test; idempotent, installs only what is missing (root, or sudo).
+system:
+	@bash .ci/setup-system.sh
 
 # torch==2.13.0 is the CPU build on course machines; constraints.txt pins every transitive package.
 $(STAMP): requirements.txt constraints.txt pyproject.toml
@@ -31,6 +36,13 @@ release: venv
 bench: venv
 	$(BIN)/python bench/autograde_bench.py
 	$(BIN)/python bench/gpu_runner_bench.py
+
+bench-class: venv
+	$(BIN)/python bench/class_bench.py
+
+# Grade a whole class: make grade ASSIGNMENT=tp_linear (sandboxed, parallel, resumable).
+grade: venv
+	$(BIN)/python -m tpcourse.grade_class $(ASSIGNMENT)
 
 clean:
 	rm -rf $(VENV) demo_output bench_output

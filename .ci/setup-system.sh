@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# System packages the grading sandbox (and the Postgres gradebook test) need. Idempotent and
+# quiet: installs only what is missing. Run as root (CI) or through sudo.
+#   bubblewrap  - bwrap: namespaces + read-only/hidden filesystem view for student kernels
+#   util-linux  - prlimit (resource limits) and setpriv (drop to an unprivileged uid)
+#   postgresql  - initdb/pg_ctl for the throwaway Postgres gradebook in tests/test_grade_class.py
+set -euo pipefail
+need=()
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+{ command -v prlimit && command -v setpriv; } >/dev/null 2>&1 || need+=(util-linux)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq >/dev/null
+    $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# A trial sandbox: fails loudly here rather than in the middle of grading.
+bwrap --ro-bind / / --unshare-pid --unshare-net --die-with-parent --proc /proc --dev /dev true \
+    || { echo "setup-system: bwrap is installed but cannot create namespaces here" >&2; exit 1; }

@@ -1,0 +1,71 @@
+"""Hostile and broken submissions, graded together with ordinary students in one class run
+(issue 4): each hostile student loses exactly the affected points with the reason in its
+feedback, every other student gets the grade they get alone, and the batch completes."""
+from __future__ import annotations
+
+import pytest
+
+from tpcourse.classgrade import ClassGrader
+from tpcourse.examples import hostile_students as H
+from tpcourse.examples import numpy_students as N
+from tpcourse.sandbox import problem
+from tpcourse.submissions import build
+
+pytestmark = [pytest.mark.nbgrader,
+              pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")]
+
+# 15 s per cell: room for importing torch on a loaded 2-core machine, and still a real timeout.
+CONFIG = "from tpcourse.sandbox import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
+ORDINARY = [s for s in N.ALL if s.assignment == H.ASSIGNMENT and s.student in
+            ("reference", "local_shard", "bias_every_rank", "alt_einsum")]
+
+
+@pytest.fixture(scope="module")
+def batch(make_course):
+    course = make_course("hostile", assignments=[H.ASSIGNMENT], extra_config=CONFIG)
+    course.generate(H.ASSIGNMENT)
+    for h in H.HOSTILE:
+        course.place_submission(h.student, H.ASSIGNMENT, H.notebooks(h))
+    for sub in ORDINARY:
+        course.place_submission(sub.student, H.ASSIGNMENT, build(sub))
+    outcomes = ClassGrader(course.root, H.ASSIGNMENT, progress=False).run()
+    return course, {o.student: o for o in outcomes}
+
+
+def test_the_batch_completes_with_every_student_graded(batch):
+    course, outcomes = batch
+    assert len(H.HOSTILE) >= 15
+    assert {s: o.status for s, o in outcomes.items()} == {s: "graded" for s in outcomes}
+    assert (course.root / "grades.csv").read_text().count("\n") == len(outcomes) + 1
+
+
+@pytest.mark.parametrize("hostile", H.HOSTILE, ids=lambda h: h.student)
+def test_hostile_student_loses_the_affected_points_with_a_reason(batch, hostile):
+    course, _ = batch
+    [(nb, grades)] = course.scores(H.ASSIGNMENT, hostile.student).items()
+    lose, keep = H.expected_losers(hostile, {g: m for g, (_, m) in grades.items()})
+    lost = {g for g, (score, top) in grades.items() if score < top}
+    assert lose <= lost, f"{hostile.why}: should lose {sorted(lose - lost)}"
+    assert not (keep & lost), f"{hostile.why}: should keep {sorted(keep & lost)}"
+    html = "".join(course.feedback_html(H.ASSIGNMENT, hostile.student).values())
+    assert H.reason_found(hostile, html), f"no /{hostile.reason}/ in the feedback"
+
+
+@pytest.mark.parametrize("sub", ORDINARY, ids=lambda s: s.student)
+def test_ordinary_student_gets_the_grade_it_gets_alone(batch, sub):
+    """numpy_students' expectations are what a stock `nbgrader autograde` gives each alone."""
+    course, _ = batch
+    [(nb, grades)] = course.scores(H.ASSIGNMENT, sub.student).items()
+    lost = {g for g, (score, top) in grades.items() if score < top}
+    assert lost == set(sub.loses)
+
+
+def test_no_hostile_student_reached_the_gradebook_or_the_hidden_tests(batch):
+    course, outcomes = batch
+    from nbgrader.api import Gradebook
+    with Gradebook(course.db_url) as gb:
+        assert len(gb.find_assignment(H.ASSIGNMENT).submissions) == len(outcomes)
+        for sub in gb.find_assignment(H.ASSIGNMENT).submissions:
+            assert all((g.score or 0) <= g.max_score for nb in sub.notebooks for g in nb.grades)
+    html = "".join(course.feedback_html(H.ASSIGNMENT, "h_read_source").values())
+    assert html.count("blocked: [Errno 2]") == 2 and "BEGIN SOLUTION" not in html

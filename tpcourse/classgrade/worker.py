@@ -1,0 +1,106 @@
+"""A grading worker: autogrades one submission at a time with nbgrader's own Autograde
+converter (the same pipeline, preprocessors and config as `nbgrader autograde`), into a
+staging folder and a private sqlite gradebook, and reports back to the single writer.
+"""
+from __future__ import annotations
+
+import ctypes
+import io
+import logging
+import os
+import shutil
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from ..sandbox.settings import UID_ENV
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this worker when the grader dies (a SIGKILLed grader cannot clean up)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def serve(index: int, root: str, parent_pid: int, tasks, results, uid_base: int | None) -> None:
+    """Worker process main loop: take (assignment, student, stage_dir) tasks until None."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    if uid_base is not None:
+        os.environ[UID_ENV] = str(uid_base + index)  # per-worker uid: independent process limits
+    os.chdir(root)
+    log_path = Path(root) / ".grade_class" / f"worker-{index}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a", buffering=1)
+    os.dup2(log.fileno(), 1)  # kernels and nbgrader write here, not over the progress bar
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    config = load_config(root)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        assignment, student, stage = task
+        results.put(("start", index, student, None))
+        results.put(("done", index, student, grade_one(config, root, assignment, student, stage)))
+
+
+def load_config(root: str):
+    """The course's nbgrader configuration, as `nbgrader` run in `root` would load it."""
+    from traitlets.config import Config
+    from traitlets.config.loader import PyFileConfigLoader
+    config = Config()
+    path = Path(root) / "nbgrader_config.py"
+    if path.exists():
+        config.merge(PyFileConfigLoader(path.name, path=str(path.parent)).load_config())
+    config.CourseDirectory.root = str(root)
+    return config
+
+
+def grade_one(config, root: str, assignment: str, student: str, stage: str) -> dict:
+    """Autograde `student` into `stage`; {'ok': bool, 'error': str, 'db': url}."""
+    from nbgrader.converters import Autograde
+    from nbgrader.coursedir import CourseDirectory
+    from traitlets.config import Config
+
+    stage_dir = Path(stage)
+    seed = stage_dir.parent / "seed.db"
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_dir.mkdir(parents=True)
+    shutil.copyfile(seed, stage_dir / "gradebook.db")
+    db_url = f"sqlite:///{stage_dir / 'gradebook.db'}"
+    cfg = Config(config)
+    cfg.CourseDirectory.db_url = db_url
+    cfg.CourseDirectory.autograded_directory = str(stage_dir / "autograded")
+    cfg.CourseDirectory.assignment_id = assignment
+    cfg.CourseDirectory.student_id = student
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    converter = None
+    try:
+        coursedir = CourseDirectory(config=cfg)
+        converter = Autograde(coursedir=coursedir, config=cfg)
+        converter.force = True
+        converter.log.addHandler(handler)
+        converter.start()
+        ok = (stage_dir / "autograded" / student / assignment).is_dir()
+        error = "" if ok else "nbgrader produced no autograded notebook"
+    except BaseException as err:  # nbgrader reports per-student failures by raising
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        ok, error = False, f"{type(err).__name__}: {err}"
+        buf.write(traceback.format_exc())
+    finally:
+        if converter is not None:
+            converter.log.removeHandler(handler)
+        os.chdir(root)
+    log = buf.getvalue()
+    if not ok:
+        error = error + "\n" + "\n".join(line for line in log.splitlines()
+                                         if "ERROR" in line or "Error" in line)[-2000:]
+    sys.stdout.write(log)
+    return {"ok": ok, "error": error.strip(), "db": db_url}

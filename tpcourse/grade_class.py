@@ -1,0 +1,46 @@
+"""`python -m tpcourse.grade_class ASSIGNMENT [--student S ...] [--workers N] [--force]`
+
+Grades every submission of ASSIGNMENT in the course directory (default: the current one):
+sandboxed autograde in parallel, the gpu_runner for gpu_* cells, feedback, export to
+grades.csv; then prints a per-student table. Exit status: 0 when the grader did its job (even
+if students' code failed), 1 when some submission could not be graded, 2 when the grader
+could not run at all (e.g. no sandbox). Run it again after a crash or kill: it grades only
+what is missing or changed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tpcourse.grade_class", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("assignment")
+    ap.add_argument("--root", default=".", help="course directory (holds nbgrader_config.py)")
+    ap.add_argument("--student", action="append", default=[], help="only this student (repeatable)")
+    ap.add_argument("--workers", type=int, default=0, help="parallel notebooks (default: cores)")
+    ap.add_argument("--force", action="store_true", help="regrade even unchanged submissions")
+    ap.add_argument("--no-gpu", action="store_true", help="skip the gpu_runner stage")
+    ap.add_argument("--no-feedback", action="store_true")
+    ap.add_argument("--no-export", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    from .classgrade import ClassGrader, GraderError
+    from .classgrade.summary import table
+    grader = ClassGrader(args.root, args.assignment, workers=args.workers,
+                         students=tuple(args.student), force=args.force,
+                         gpu="skip" if args.no_gpu else "auto", feedback=not args.no_feedback,
+                         export=not args.no_export, progress=not args.no_progress)
+    try:
+        outcomes = grader.run()
+    except GraderError as err:
+        print(f"grade_class: {err}", file=sys.stderr)
+        return 2
+    print(table(outcomes))
+    return 1 if any(o.status == "error" for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The sandbox's knobs, set from nbgrader_config.py as `c.Sandbox.<name> = value`.
+
+Defaults are sized for the course's exercises: a notebook needs well under 1 GiB and a few
+seconds of CPU; the limits only have to stop a runaway cell without getting in a correct
+one's way.
+"""
+from __future__ import annotations
+
+import os
+
+from traitlets import Bool, Dict, Integer, List, Unicode
+from traitlets.config import Configurable
+
+# Environment a grading worker sets so that parallel kernels run under distinct uids (per-uid
+# process limits then stay independent between workers).
+UID_ENV = "TPCOURSE_SANDBOX_UID"
+
+
+class Sandbox(Configurable):
+    """How a student's kernel (or a gpu_runner job) is confined."""
+
+    enabled = Bool(True, help=(
+        "Run student code in the sandbox. Setting this to False grades with the grader's own "
+        "rights (unsafe: a student can kill the grader or read the hidden tests); it is the only "
+        "way to grade on a machine where the sandbox is unavailable.")).tag(config=True)
+
+    uid = Integer(64000, help=(
+        "Unprivileged uid (and gid) the student's code runs as when the grader is root. A "
+        "parallel grader adds its worker index. No passwd entry is needed.")).tag(config=True)
+
+    memory_mb = Integer(4096, help="Address-space limit (RLIMIT_AS) per process, MiB. "
+                        "0 disables (needed with CUDA, which reserves huge virtual ranges)."
+                        ).tag(config=True)
+    cpu_seconds = Integer(300, help="CPU-time limit (RLIMIT_CPU) for the whole kernel, s."
+                          ).tag(config=True)
+    max_processes = Integer(256, help="Process/thread limit (RLIMIT_NPROC) for the sandbox uid."
+                            ).tag(config=True)
+    max_open_files = Integer(256, help="Open-file limit (RLIMIT_NOFILE).").tag(config=True)
+    max_file_mb = Integer(64, help="Largest file a student may write (RLIMIT_FSIZE), MiB."
+                          ).tag(config=True)
+    tmpfs_mb = Integer(256, help="Size of the private /tmp and /dev/shm, MiB.").tag(config=True)
+    max_output_bytes = Integer(2_000_000, help=(
+        "Output kept per notebook while it runs; beyond it further output is dropped and a note "
+        "says so (nbgrader's LimitOutput then trims what is kept).")).tag(config=True)
+
+    network = Bool(False, help="Keep the host network (default: a private namespace with "
+                   "loopback only, which torch's gloo rendezvous needs).").tag(config=True)
+    gpu = Bool(False, help="Bind the GPU device nodes (/dev/nvidia*, /dev/dri) into the sandbox."
+               ).tag(config=True)
+
+    hide_paths = List(Unicode(), help=(
+        "Extra host paths the student must not see (the course root, the exchange, the sqlite "
+        "gradebook, the project checkout, /root, /home and /run are always hidden).")
+    ).tag(config=True)
+    readonly_paths = List(Unicode(), help=(
+        "Host paths inside a hidden one that the kernel still needs, read-only (the Python "
+        "environment and the course's installed packages are added automatically).")
+    ).tag(config=True)
+    private_packages = List(Unicode(), ["tpcourse"], help=(
+        "Editable-installed packages whose source stays hidden (instructor tooling; tpcourse "
+        "holds example solutions). Others (tpsim, tpgrade) are readable.")).tag(config=True)
+    env = Dict(help="Extra environment variables for the student's code.").tag(config=True)
+
+    bwrap = Unicode("bwrap", help="The bubblewrap binary.").tag(config=True)
+
+    def effective_uid(self) -> int:
+        return int(os.environ.get(UID_ENV, self.uid))
