@@ -26,8 +26,10 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 demo: venv
 	$(BIN)/python -m tpcourse.demo
 
+# Two test processes (one per core); each module stays in one process (module-scoped courses).
+TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Regenerate release/ from source/ with nbgrader (commit the result; a test checks it is in sync).
 release: venv

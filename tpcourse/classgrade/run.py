@@ -231,7 +231,8 @@ def _uid_base(config):
     if os.geteuid() != 0:
         return None
     from ..sandbox import Sandbox
-    return Sandbox(config=config).uid
+    # effective_uid: an outer orchestrator (e.g. parallel test workers) may pick the uid range.
+    return Sandbox(config=config).effective_uid()
 
 
 def _check_assignment(db_url, course_id, assignment):

@@ -47,6 +47,10 @@ class Hostile:
     slow: bool = False          # costs one or two cell timeouts
 
 
+# A port on the grader's own loopback where the hostile tests run a listener. Only loopback:
+# no test ever aims at an address off this machine.
+GRADER_PORT = 29917
+
 HOSTILE = [
     Hostile("h_infinite_loop", "an infinite loop: the cell times out and is interrupted",
             "while True:\n    pass\n", "cell", r"CellTimeoutError|KeyboardInterrupt", slow=True),
@@ -116,9 +120,10 @@ HOSTILE = [
             "_db = sqlite3.connect(str(pathlib.Path.cwd().parents[2] / 'gradebook.db'))\n"
             "_db.execute('UPDATE grade SET auto_score = 99')\n_db.commit()\n", "cell",
             r"OperationalError"),
-    Hostile("h_network", "opens a TCP connection to the internet",
-            "import socket\nsocket.create_connection(('151.101.0.223', 443), timeout=5)\n",
-            "cell", r"Network is unreachable|OSError|timed out"),
+    Hostile("h_network", "connects to a service on the grader's host (tests listen on its "
+            "loopback at GRADER_PORT; the sandbox's own network namespace cannot reach it)",
+            "import socket\nsocket.create_connection(('127.0.0.1', %d), timeout=5)\n" % GRADER_PORT,
+            "cell", r"ConnectionRefusedError|Network is unreachable|timed out"),
     Hostile("h_torch_deadlock", "a collective on one rank of two: waits for a rank that never comes",
             "import datetime, torch.distributed as dist\n"
             "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:29731', rank=0,"
