@@ -211,6 +211,12 @@ def column_forward(ColumnParallelLinear):
                  f"{C.shape(local)}")
 
 
+def _linear_grads(grads, rank):
+    """A rank's (x.grad, weight.grad, bias.grad) from a linear layer, as float64 arrays."""
+    return (C.array(g, rank, what) for g, what in
+            zip(grads, ("x.grad", ".weight.grad", ".bias.grad")))
+
+
 def _column_backward(ColumnParallelLinear, x, w, b, dy):
     layer = _column_layer(ColumnParallelLinear, w, b)
     x = tensor(x, requires_grad=True)
@@ -225,8 +231,7 @@ def column_backward(ColumnParallelLinear):
     dx, dw, db = C.linear_grads(x, w, dy)
     per_rank = run_on_ranks(_column_backward, 2, ColumnParallelLinear, x, w, b, dy, timeout=TIMEOUT)
     for rank, grads in enumerate(per_rank):
-        x_grad, w_grad, b_grad = (C.array(g, rank, what) for g, what in
-                                  zip(grads, ("x.grad", ".weight.grad", ".bias.grad")))
+        x_grad, w_grad, b_grad = _linear_grads(grads, rank)
         rows = slice(3 * rank, 3 * rank + 3)
         if x_grad is None:
             fail(f"rank {rank}: x.grad is None: the output is not connected to x in autograd")
@@ -295,8 +300,7 @@ def row_backward(RowParallelLinear):
     dx, dw, db = C.linear_grads(x, w, dy)
     per_rank = run_on_ranks(_row_backward, 2, RowParallelLinear, x, w, b, dy, timeout=TIMEOUT)
     for rank, grads in enumerate(per_rank):
-        x_grad, w_grad, b_grad = (C.array(g, rank, what) for g, what in
-                                  zip(grads, ("x.grad", ".weight.grad", ".bias.grad")))
+        x_grad, w_grad, b_grad = _linear_grads(grads, rank)
         cols = slice(3 * rank, 3 * rank + 3)
         if not C.close(x_grad, dx[:, cols]):
             fail(f"rank {rank}: the gradient of this rank's input slice should equal columns "
