@@ -10,12 +10,22 @@ one torchrun launch for all world sizes (relaunching only after a fault), score 
 cells, write <reports>/<student>/report.json and timing.png, and set the cells' scores and
 comments in the gradebook (after `nbgrader autograde`, before `nbgrader export` /
 `generate_feedback`). One student's failure never stops the others.
+
+Every torchrun job runs in the grading sandbox (tpcourse.sandbox: bubblewrap, an unprivileged
+uid, no network but loopback, resource limits, the course hidden), configured by the course's
+nbgrader_config.py (`c.Sandbox.*`) like the notebook kernels. Where the sandbox cannot run,
+nothing is graded (exit 2, with the reason and the fix) unless that file says
+`c.Sandbox.enabled = False`.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +34,8 @@ from pathlib import Path
 from . import extract, gradebook, report
 from .launch import Config, run_submission
 from .plan import make_plan
+
+FLAGS_ENV = "GPU_RUNNER_FLAGS"
 
 
 def parse_args(argv=None):
@@ -55,7 +67,11 @@ def parse_args(argv=None):
                     help="write the reports only (parallel shards); then --load-reports")
     ap.add_argument("--load-reports", action="store_true",
                     help="run nothing: write the existing reports' scores into the gradebook")
-    return ap.parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    # Defaults from the environment, for callers that pass no flags (grade_class): e.g.
+    # GPU_RUNNER_FLAGS="--world-sizes 1,2 --timeout 600". The command line wins.
+    return ap.parse_args(shlex.split(os.environ.get(FLAGS_ENV, "")) + list(argv))
 
 
 def _gpu_count() -> int:
@@ -86,16 +102,61 @@ def source_notebook(root: Path, assignment: str) -> Path:
     raise SystemExit(f"no notebook with gpu_* cells in {root / 'source' / assignment}")
 
 
-def preflight(src_path: Path) -> None:
-    """Run the source notebook's setup cell once, alone: if it fails here, every submission
-    would fail on import through no fault of its own, so grade nobody and say why."""
+class SandboxRefused(RuntimeError):
+    """The sandbox cannot run here and the course has not opted out: grade nobody."""
+
+
+def confinement(root: Path, reports: Path, db_url: str, backend: str):
+    """The `Config.wrap` for this course: its nbgrader_config.py's sandbox (c.Sandbox.*),
+    or None when that file disables it. Raises SandboxRefused when it is on but cannot run."""
+    from tpcourse.classgrade.worker import load_config
+    from tpcourse.sandbox import Sandbox, for_torchrun, problem
+    from tpcourse.sandbox.kernel import course_paths
+    config = load_config(str(root))
+    sandbox = Sandbox(config=config)
+    if not sandbox.enabled:
+        print("gpu_runner: WARNING: the sandbox is disabled (c.Sandbox.enabled = False in "
+              f"{root / 'nbgrader_config.py'}): student code runs with the grader's rights",
+              file=sys.stderr, flush=True)
+        return None
+    why = problem(sandbox)
+    if why:
+        raise SandboxRefused(why)
+    hidden = [str(root), str(reports), *course_paths(config)]
+    if db_url.startswith("sqlite:///"):
+        hidden.append(os.path.dirname(db_url[len("sqlite:///"):]))
+    # what the job imports: the harness and the notebook's helpers, wherever they are installed
+    readonly = [str(Path(__file__).resolve().parent)]
+    spec = importlib.util.find_spec("tpgrade")
+    readonly += list(spec.submodule_search_locations or []) if spec else []
+    gpu = backend == "nccl" or bool(glob.glob("/dev/nvidia[0-9]*"))
+    return for_torchrun(str(root), gpu=gpu, readonly=readonly, hidden=hidden, config=config)
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                         os.environ.get("PYTHONPATH")]))
+
+
+def preflight(src_path: Path, wrap=None, scratch: Path | None = None) -> None:
+    """Run the source notebook's setup cell once, alone (in the sandbox, when there is one):
+    if it fails here, every submission would fail on import through no fault of its own, so
+    grade nobody and say why."""
     code = "\n\n".join(extract.setup_cells(extract.read(src_path)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=300)
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    argv, where = [sys.executable, "-c", code], "outside the notebook"
+    if wrap is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        argv, where = wrap(argv, scratch, {"PYTHONPATH": env["PYTHONPATH"]}), "in the sandbox"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300,
+                              cwd=str(scratch) if wrap is not None else None)
+    finally:
+        if wrap is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if proc.returncode != 0:
-        raise SystemExit(f"gpu_runner: the setup cell of {src_path} fails outside the notebook; "
+        raise SystemExit(f"gpu_runner: the setup cell of {src_path} fails {where}; "
                          f"nothing graded:\n{proc.stderr[-2000:]}")
 
 
@@ -126,6 +187,15 @@ def grade_student(student, args, root, src_path, cfg, reports) -> dict:
     return rep
 
 
+def _uid_per_shard(root: Path, shard: int) -> None:
+    """Shards sharing a machine get sandbox uids of their own (per-uid process limits stay
+    independent): the configured uid plus 100 + the shard index."""
+    from tpcourse.classgrade.worker import load_config
+    from tpcourse.sandbox import UID_ENV, Sandbox
+    base = Sandbox(config=load_config(str(root))).effective_uid()
+    os.environ[UID_ENV] = str(base + 100 + shard)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     root = Path(args.course_root).resolve()
@@ -137,13 +207,21 @@ def main(argv=None) -> int:
     cfg = None
     if not args.load_reports:
         backend, sizes = backend_and_sizes(args.backend, args.world_sizes)
+        if args.shard:
+            _uid_per_shard(root, int(args.shard.split("/")[0]))
+        try:
+            wrap = confinement(root, reports, db_url, backend)
+        except SandboxRefused as exc:
+            print(f"gpu_runner: nothing graded. {exc}", file=sys.stderr, flush=True)
+            return 2
         if names:
-            preflight(src_path)
+            preflight(src_path, wrap, reports / ".preflight")
         cfg = Config(sizes=sizes, backend=backend, pg_timeout=args.pg_timeout,
                      step_timeout=args.step_timeout, wall_timeout=args.timeout,
-                     max_launches=args.max_launches)
+                     max_launches=args.max_launches, wrap=wrap)
         print(f"gpu_runner: {len(names)} submission(s) of {args.assignment}, backend {backend}, "
-              f"world sizes {','.join(map(str, sizes))}", flush=True)
+              f"world sizes {','.join(map(str, sizes))}, "
+              f"{'sandboxed' if wrap else 'NOT sandboxed'}", flush=True)
     for student in names:
         try:
             if args.load_reports:

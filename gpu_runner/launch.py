@@ -5,13 +5,20 @@ One launch runs every unit of the plan at every world size. When a unit faults (
 crash, a rank that left, a loop), the job ends; the units that finished keep their results,
 the faulty unit and the units it makes pointless (plan.skipped_by_fault) score 0 with the
 reason, and the rest run in a relaunch, at most `max_launches` launches in all.
+
+Layout of one launch, <workdir>/launch<N>/: torchrun.log and supervisor.json (the grader's)
+and ranks/, the job's working folder, where each rank appends its records. With a
+confinement (`Config.wrap`, the grading sandbox) the job can write nothing but ranks/ and
+reads the submission from a copy there; the grader then reads ranks/ without following links.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -31,8 +38,9 @@ class Config:
     wall_timeout: float = 900.0     # the whole launch
     max_launches: int = 4
     env: dict = field(default_factory=dict)
-    # wrap(torchrun_argv, launch_dir) -> argv: where a confinement (e.g. tpcourse.sandbox.wrap)
-    # plugs in; the records must stay writable in launch_dir and the module readable.
+    # wrap(torchrun_argv, job_dir, env) -> argv: the confinement (tpcourse.sandbox.for_torchrun)
+    # the job runs in. It must leave job_dir writable (the records, a copy of the module) and
+    # pass `env` (PYTHONPATH, NCCL_*, ...) to the job; None runs torchrun as the grader.
     wrap: object = None
 
     @property
@@ -86,46 +94,82 @@ def _launch_hint(launches):
     return f" (torchrun exit {last['rc']}{', wall-clock limit reached' if last['timed_out'] else ''}; see {last['log']})"
 
 
+# What a confined job gets from the launch's environment (a sandbox starts from an empty one):
+# these names, NCCL_* tuning, and Config.env.
+_JOB_ENV = ("PYTHONPATH", "LD_LIBRARY_PATH", "TORCH_NCCL_BLOCKING_WAIT", "OMP_NUM_THREADS")
+
+
+def job_dir(out) -> Path:
+    """The working folder of the ranks of the launch in `out`, where they write their records."""
+    return Path(out) / "ranks"
+
+
 def _launch(module, out, todo, cfg, index):
     """One supervised torchrun job; returns the supervisor's result plus the log path."""
+    job = job_dir(out)
+    job.mkdir(parents=True, exist_ok=True)
+    if cfg.wrap is not None:      # a confined job reads nothing of the grader's but its folder
+        module = Path(shutil.copyfile(module, job / "solution.py"))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                # the rendezvous by address: no lookup of the host name (in a sandbox it
+                # resolves only through the sandbox's /etc/hosts; an unresolvable one makes
+                # every rank retry for as long as the launch may last)
+                "--local-addr=127.0.0.1",
                 "--nnodes=1", f"--nproc-per-node={cfg.world}", "--max-restarts=0",
                 "-m", "gpu_runner.worker",
-                "--module", str(module), "--out", str(out),
+                "--module", str(module), "--out", str(job),
                 "--units", ",".join(u.id for u in todo),
                 "--sizes", ",".join(map(str, sorted(cfg.sizes))),
                 "--backend", cfg.backend, "--pg-timeout", str(cfg.pg_timeout),
                 "--step-timeout", str(cfg.unit_timeout), "--launch", str(index)]
-    if cfg.wrap is not None:
-        torchrun = cfg.wrap(torchrun, out)
-    result_file = out / "supervisor.json"
-    cmd = [sys.executable, "-m", "gpu_runner.supervise", "--timeout", str(cfg.wall_timeout),
-           "--result", str(result_file), "--", *torchrun]
     # NCCL: a timed-out collective raises in the rank (recorded as a fault) instead of the
     # watchdog aborting the whole process.
     nccl = {"TORCH_NCCL_BLOCKING_WAIT": "1"} if cfg.backend == "nccl" else {}
     env = {**os.environ, **nccl, **cfg.env, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH")]))}
+    if cfg.wrap is not None:
+        inner = {k: v for k, v in env.items() if k in _JOB_ENV or k.startswith("NCCL_")}
+        torchrun = cfg.wrap(torchrun, job, {**inner, **cfg.env})
+    # The grader's files sit next to ranks/, out of the job's reach (a confined job could
+    # otherwise plant a link where the supervisor writes its result).
+    result_file = out / "supervisor.json"
+    cmd = [sys.executable, "-m", "gpu_runner.supervise", "--timeout", str(cfg.wall_timeout),
+           "--result", str(result_file), "--", *torchrun]
     log = out / "torchrun.log"
     with open(log, "w") as f:
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(out),
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(job),
                        timeout=cfg.wall_timeout + 60)
     sup = json.loads(result_file.read_text())
     return {"rc": sup["rc"], "timed_out": sup["timed_out"], "seconds": round(sup["seconds"], 2),
             "killed": len(sup["killed"]), "log": str(log)}
 
 
+_MAX_RECORDS = 64 * 1024 * 1024
+
+
 def _read_records(out):
+    """{rank: [records]} from ranks/rank<R>.jsonl: regular files only, never through a link
+    (the job owns the folder)."""
     records = {}
-    for path in Path(out).glob("rank*.jsonl"):
-        rank = int(path.stem[4:])
+    for path in job_dir(out).glob("rank*.jsonl"):
+        try:
+            rank = int(path.stem[4:])
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except (ValueError, OSError):
+            continue
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            text = f.read(_MAX_RECORDS).decode("utf-8", errors="replace")
         rows = []
-        for line in path.read_text().splitlines():
+        for line in text.splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:     # a line cut by a kill
                 continue
+            if isinstance(row, dict) and "event" in row:
+                rows.append(row)
         records[rank] = rows
     return records
 

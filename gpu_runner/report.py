@@ -37,6 +37,7 @@ def build(student, assignment, notebook, cells, plan, results, launches, cfg, se
     return {
         "student": student, "assignment": assignment, "notebook": notebook,
         "backend": cfg.backend, "world_sizes": sorted(cfg.sizes),
+        "sandboxed": cfg.wrap is not None,
         "score": round(sum(c["score"] for c in report_cells.values()), 3),
         "max_score": sum(c["points"] for c in report_cells.values()),
         "seconds": round(seconds, 2), "launches": launches,

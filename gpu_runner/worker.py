@@ -101,7 +101,8 @@ def main(argv=None):
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     torch.set_num_threads(1)      # W ranks share the machine's cores
     rec = Recorder(os.path.join(args.out, f"rank{rank}.jsonl"), args.launch)
-    rec.write(event="hello", pid=os.getpid(), rank=rank, world=world)
+    rec.write(event="hello", pid=os.getpid(), uid=os.getuid(), rank=rank, world=world,
+              sandboxed=os.environ.get("TPCOURSE_SANDBOXED") == "1")
     units = [Unit.parse(u) for u in args.units.split(",") if u]
     watchdog = Watchdog(args.step_timeout, rec)
     watchdog.start()

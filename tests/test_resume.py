@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
+from tpcourse.classgrade import ClassGrader
 from tpcourse.examples import numpy_students as N
 from tpcourse.sandbox import problem
 from tpcourse.submissions import build
@@ -103,3 +105,220 @@ def test_sigkill_mid_run_then_resume(make_course):
         rows = gb.db.execute(text("SELECT count(*) FROM grade")).scalar()
         assert rows == cells * len(CLASS)
     assert (course.root / "grades.csv").read_text().count("\n") == len(CLASS) + 1
+
+
+# -- SIGKILL inside the single writer's commit ---------------------------------------------
+
+COMMIT_CLASS = [s for s in N.ALL if s.assignment == A and s.student in
+                ("reference", "local_shard", "np_split", "alt_einsum")]
+STAMP = "2026-11-20 10:00:00.000000 UTC"
+
+
+def _fill(course, subs):
+    course.generate(A)
+    for sub in subs:
+        course.place_submission(sub.student, A, build(sub), timestamp=STAMP)
+
+
+def _rows(course) -> dict:
+    engine = create_engine(course.db_url)
+    try:
+        with engine.connect() as con:
+            q = lambda sql: con.execute(text(sql)).all()  # noqa: E731
+            return {"graded": q("SELECT student, count(*) FROM tpcourse_graded "
+                                "WHERE stage = 'autograde' GROUP BY student"),
+                    "submissions": q("SELECT student_id, count(*) FROM submitted_assignment "
+                                     "GROUP BY student_id"),
+                    "grades": q("SELECT count(*) FROM grade")[0][0]}
+    finally:
+        engine.dispose()
+
+
+def _copy_course(course, dest):
+    """An identical course (generated assignment, submissions) at `dest`."""
+    import shutil
+    from tpcourse.cycle import Course
+    shutil.copytree(course.root, dest)
+    cfg = dest / "nbgrader_config.py"
+    cfg.write_text(cfg.read_text().replace(str(course.root), str(dest)))
+    return Course(dest, dest / "exchange")
+
+
+def _csv_rows(course):
+    return sorted((course.root / "grades.csv").read_text().splitlines())
+
+
+def test_sigkill_inside_the_writers_commit_then_resume(make_course, tmp_path):
+    """The writer dies after flushing one student's grades and digest, before committing
+    them (fault injected by TPCOURSE_TEST_KILL_IN_COMMIT): sqlite rolls the transaction back,
+    the next run grades that student again, and the end state is a clean run's."""
+    from tpcourse.classgrade.gradebook import KILL_IN_COMMIT_ENV
+    course = make_course("commit_kill", assignments=[A], extra_config=CONFIG)
+    _fill(course, COMMIT_CLASS)
+    clean = _copy_course(course, tmp_path / "clean")   # graded in one go, at the end
+
+    env = dict(os.environ, **{KILL_IN_COMMIT_ENV: "3"})
+    proc = subprocess.run([sys.executable, "-m", "tpcourse.grade_class", A, "--no-progress",
+                           f"--root={course.root}", "--workers=2"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # died inside a write transaction: sqlite's rollback journal is still there
+    assert list(course.root.glob("gradebook.db-journal")), "the kill came outside a transaction"
+    moved = {p.name for p in (course.root / "autograded").iterdir()}
+    before = _recorded(course)  # opening the gradebook rolls the dead transaction back
+    assert len(before) == 2, before
+    [killed] = moved - set(before)  # its notebook was moved in, its grades never committed
+    rows = _rows(course)
+    assert sorted(s for s, _ in rows["submissions"]) == sorted(before)
+    deadline = time.time() + 15
+    while _leftovers(course.root) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(course.root) == []
+
+    proc = _start(course)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    assert "2 graded, 2 unchanged" in out, out[-2000:]
+    assert any(ln.startswith(killed + " ") and " graded " in ln for ln in out.splitlines())
+    after = _recorded(course)
+    assert set(after) == {s.student for s in COMMIT_CLASS}
+    assert all(after[s] == before[s] for s in before)  # not graded a second time
+
+    outcomes = ClassGrader(clean.root, A, workers=2, progress=False).run()
+    assert [o.status for o in outcomes] == ["graded"] * len(COMMIT_CLASS)
+    students = [s.student for s in COMMIT_CLASS]
+    assert {s: course.scores(A, s) for s in students} == {s: clean.scores(A, s) for s in students}
+    assert _csv_rows(course) == _csv_rows(clean)
+    rows, clean_rows = _rows(course), _rows(clean)
+    assert rows == clean_rows
+    assert sorted(rows["graded"]) == sorted((s, 1) for s in students)       # recorded once each
+    assert sorted(rows["submissions"]) == sorted((s, 1) for s in students)  # one submission each
+
+
+# -- sandbox folders left by a SIGKILLed grader ---------------------------------------------
+
+SANDBOX_CONFIG = "from tpcourse.sandbox import configure\nconfigure(c)\nc.Execute.timeout = 120\n"
+
+# A grader of its own: one sandboxed kernel, held until a line arrives on stdin, then used
+# (proving its folder, with the kernel's sockets, is intact) and shut down.
+_HOLD = r'''
+import asyncio, sys
+from tpcourse.sandbox.kernel import SandboxKernelManager
+
+async def main():
+    km = SandboxKernelManager(kernel_name="python3", sandbox_dir=sys.argv[1])
+    await km.start_kernel(cwd=sys.argv[2])
+    kc = km.client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=120)
+    print(km._base, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    def show(msg):
+        if msg["msg_type"] == "stream":
+            print(msg["content"]["text"].strip(), flush=True)
+    await kc.execute_interactive("print(6 * 7)", timeout=60, output_hook=show)
+    kc.stop_channels()
+    await km.shutdown_kernel(now=True)
+
+asyncio.run(main())
+'''
+
+
+def _toy(code: str):
+    import nbformat.v4 as v4
+    sol = {"nbgrader": {"grade": False, "solution": True, "locked": False,
+                        "grade_id": "sol_double", "schema_version": 3}}
+    test = {"nbgrader": {"grade": True, "solution": False, "locked": True, "points": 1,
+                         "grade_id": "test_double", "schema_version": 3}}
+    nb = v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                  "display_name": "Python 3"}})
+    nb.cells = [v4.new_code_cell(code, metadata=sol),
+                v4.new_code_cell("assert double(2) == 4", metadata=test)]
+    return nb
+
+
+def _marked(sbx) -> set:
+    from tpcourse.sandbox.kernel import LOCK_MARK
+    return {p for p in sbx.glob("tpsb-*") if (p / LOCK_MARK).exists()}
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkilled_graders_sandbox_folders_are_swept_live_ones_kept(make_course, tmp_path):
+    """Each kernel's socket/scratch folder (tpsb-*) is locked by its live grader. After a
+    stock `nbgrader autograde` is SIGKILLed mid-notebook, the next grader's first kernel
+    removes its folder, and keeps the folder of a grader still running beside it, unmarked
+    folders (older graders') and other users' folders."""
+    import nbformat
+    from tpcourse.sandbox.kernel import LOCK_MARK
+    sbx = tmp_path / "sbx"
+    sbx.mkdir()
+    course = make_course("stale_dirs", assignments=[], extra_config=SANDBOX_CONFIG +
+                         f"c.SandboxKernelManager.sandbox_dir = {str(sbx)!r}\n")
+    (course.root / "source" / "toy").mkdir(parents=True)
+    nbformat.write(_toy("def double(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n"
+                        "    ### END SOLUTION"), str(course.root / "source" / "toy" / "toy.ipynb"))
+    course.generate("toy")
+    course.place_submission("sleeper", "toy", {"toy.ipynb": _toy(
+        "import time\ntime.sleep(100)\ndef double(x):\n    return 2 * x")})
+    course.place_submission("good", "toy", {"toy.ipynb": _toy("def double(x):\n    return x + x")})
+    legacy = sbx / "tpsb-legacy"                 # no lock mark: never judged
+    legacy.mkdir()
+    foreign = sbx / "tpsb-foreign"               # another user's: not ours to remove
+    foreign.mkdir()
+    (foreign / LOCK_MARK).touch()
+    os.chown(foreign, 65533, 65533)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    live = subprocess.Popen([sys.executable, "-c", _HOLD, str(sbx), str(work)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        live_dir = Path(live.stdout.readline().strip())
+        assert live_dir.parent == sbx and (live_dir / "c" / "kernel.json").exists()
+
+        from tpcourse.cycle import _clean_env
+        killed = subprocess.Popen([sys.executable, "-m", "nbgrader", "autograde", "toy",
+                                   "--force", "--student=sleeper"], cwd=course.root,
+                                  env=_clean_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        stale = _wait_for(lambda: {p for p in _marked(sbx) - {live_dir, foreign}
+                                   if (p / "c" / "kernel.json").exists()}, 300,
+                          "the killed grader's kernel")
+        [stale_dir] = stale
+        time.sleep(1)   # the sleeper's cell is running
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        _wait_for(lambda: not any(str(stale_dir) in cmd for cmd in _cmdlines()), 15,
+                  "the killed grader's kernel to die with it")
+        assert stale_dir.exists() and (stale_dir / LOCK_MARK).exists()
+
+        course.autograde("toy", "good")     # a later run: its first kernel sweeps
+        assert course.scores("toy", "good") == {"toy": {"test_double": (1.0, 1.0)}}
+        assert set(sbx.iterdir()) == {live_dir, legacy, foreign}
+        assert (live_dir / "c" / "kernel.json").exists()
+
+        out, _ = live.communicate("go\n", timeout=120)   # the live grader still works
+        assert live.returncode == 0 and out.split() == ["42"], out
+    finally:
+        if live.poll() is None:
+            live.kill()
+    assert set(sbx.iterdir()) == {legacy, foreign}
+
+
+def _cmdlines() -> list[str]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            out.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return out

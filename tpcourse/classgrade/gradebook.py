@@ -10,6 +10,8 @@ new digest, never a half-written or doubled one.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
 from contextlib import contextmanager
 
 from sqlalchemy import Column, DateTime, MetaData, String, Table, create_engine, select
@@ -27,6 +29,21 @@ GRADED = Table(
     Column("digest", String(64), nullable=False),
     Column("graded_at", DateTime(), nullable=False),
 )
+
+
+# Fault injection for tests/test_resume.py: with TPCOURSE_TEST_KILL_IN_COMMIT=n, the n-th
+# write_result of a process SIGKILLs that process once everything is flushed to the database,
+# just before the commit (the worst moment for the single writer to die).
+KILL_IN_COMMIT_ENV = "TPCOURSE_TEST_KILL_IN_COMMIT"
+_writes = 0
+
+
+def _fault_before_commit() -> None:
+    global _writes
+    _writes += 1
+    target = os.environ.get(KILL_IN_COMMIT_ENV, "")
+    if target.isdigit() and _writes == int(target):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextmanager
@@ -67,13 +84,18 @@ def has_gpu_cells(db_url: str, course_id: str, assignment: str) -> bool:
 
 def make_seed(db_url: str, course_id: str, seed_path: str) -> None:
     """A fresh sqlite gradebook holding only the definition rows, for workers to copy."""
+    from sqlalchemy import text
+    from nbgrader.api import Base
     seed_url = f"sqlite:///{seed_path}"
-    with gradebook(seed_url, course_id):  # creates the schema and stamps its alembic version
-        pass
     src, dst = create_engine(db_url), create_engine(seed_url)
     try:
-        from nbgrader.api import Base
+        Base.metadata.create_all(dst)
         with src.connect() as s, dst.begin() as d:
+            # The course gradebook's alembic stamp is copied: a fresh Gradebook() would ask the
+            # `alembic heads` script for it, which costs several CPU-seconds.
+            version = s.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+            d.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+            d.execute(text("INSERT INTO alembic_version VALUES (:v)"), {"v": version})
             for table in Base.metadata.sorted_tables:
                 if table.name in _DEFINITION_TABLES:
                     rows = [dict(r._mapping) for r in s.execute(table.select())]
@@ -123,6 +145,8 @@ def write_result(gb, assignment: str, student: str, result: dict, digest: str,
                 if c.name in got["comments"]:
                     c.auto_comment = got["comments"][c.name]
         _record(db, assignment, student, stage, digest)
+        db.flush()
+        _fault_before_commit()
         db.commit()
     except BaseException:
         db.rollback()

@@ -164,7 +164,7 @@ class ClassGrader:
         """The single writer: move the autograded notebooks in, then commit grades + digest."""
         if not res["ok"]:
             return Outcome(student, "error", res["error"])
-        result = gbk.read_result(res["db"], self.course_id, self.assignment, student)
+        result = res["result"]
         src = self.stage / student / "autograded" / student / self.assignment
         dest = self.root / "autograded" / student / self.assignment
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -40,13 +40,17 @@ def serve(index: int, root: str, parent_pid: int, tasks, results, uid_base: int 
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
     config = load_config(root)
+    from . import speedups
+    speedups.install()
     while True:
         task = tasks.get()
         if task is None:
             return
         assignment, student, stage = task
         results.put(("start", index, student, None))
-        results.put(("done", index, student, grade_one(config, root, assignment, student, stage)))
+        db = Path(stage).parent / f"worker-{index}.db"  # one file: its engine is reused
+        results.put(("done", index, student,
+                     grade_one(config, root, assignment, student, stage, db)))
 
 
 def load_config(root: str):
@@ -61,20 +65,29 @@ def load_config(root: str):
     return config
 
 
-def grade_one(config, root: str, assignment: str, student: str, stage: str) -> dict:
-    """Autograde `student` into `stage`; {'ok': bool, 'error': str, 'db': url}."""
+def grade_one(config, root: str, assignment: str, student: str, stage: str,
+              db: Path | None = None) -> dict:
+    """Autograde `student` into `stage` (its notebooks) and a private gradebook `db` (a fresh
+    copy of the seed); {'ok': bool, 'error': str, 'result': what autograde recorded}."""
     from nbgrader.converters import Autograde
     from nbgrader.coursedir import CourseDirectory
     from traitlets.config import Config
+    from . import gradebook as gbk
+    from . import speedups
 
     stage_dir = Path(stage)
-    seed = stage_dir.parent / "seed.db"
+    db = Path(db or stage_dir / "gradebook.db")
     shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir(parents=True)
-    shutil.copyfile(seed, stage_dir / "gradebook.db")
-    db_url = f"sqlite:///{stage_dir / 'gradebook.db'}"
+    db_url = f"sqlite:///{db}"
+    speedups.forget(db_url)
+    shutil.copyfile(stage_dir.parent / "seed.db", f"{db}.new")
+    os.replace(f"{db}.new", db)  # a new file: no connection of the last student's survives
     cfg = Config(config)
     cfg.CourseDirectory.db_url = db_url
+    # Every cell has run when the kernel is shut down: killing it at once changes no output
+    # and saves the seconds a graceful exit of a sandboxed kernel can take.
+    cfg.Execute.shutdown_kernel = "immediate"
     cfg.CourseDirectory.autograded_directory = str(stage_dir / "autograded")
     cfg.CourseDirectory.assignment_id = assignment
     cfg.CourseDirectory.student_id = student
@@ -103,4 +116,10 @@ def grade_one(config, root: str, assignment: str, student: str, stage: str) -> d
         error = error + "\n" + "\n".join(line for line in log.splitlines()
                                          if "ERROR" in line or "Error" in line)[-2000:]
     sys.stdout.write(log)
-    return {"ok": ok, "error": error.strip(), "db": db_url}
+    result = None
+    if ok:
+        try:
+            result = gbk.read_result(db_url, coursedir.course_id, assignment, student)
+        except Exception as err:
+            ok, error = False, f"reading the worker's gradebook: {type(err).__name__}: {err}"
+    return {"ok": ok, "error": error.strip(), "result": result}

@@ -50,15 +50,31 @@ def wrap(argv: list[str], *, workdir: str, scratch: str | None = None, gpu: bool
                          exposed=readonly)
 
 
-def for_torchrun(course_root: str, *, gpu: bool, readonly=(), config=None):
-    """A `wrap(torchrun_argv, launch_dir) -> argv` for gpu_runner.launch.Config.wrap: the job
-    runs confined like a kernel, writing only its launch folder, with the GPU device nodes
-    bound in (and no address-space limit, which CUDA's reservations would trip) when `gpu`.
-    Ranks talk over the sandbox's own loopback."""
-    def wrapper(argv, launch_dir):
-        limits = {"max_processes": 1024, "cpu_seconds": 1800}
-        if gpu:
-            limits["memory_mb"] = 0
-        return wrap(list(argv), workdir=str(launch_dir), scratch=str(launch_dir), gpu=gpu,
-                    hidden=[str(course_root)], readonly=readonly, config=config, **limits)
+def for_torchrun(course_root: str, *, gpu: bool, readonly=(), hidden=(), config=None):
+    """A `wrap(torchrun_argv, job_dir, env=None) -> argv` for gpu_runner.launch.Config.wrap:
+    the whole torchrun job (agent and ranks) runs confined like a kernel, in one sandbox, as
+    the unprivileged uid, writing only `job_dir`; `course_root` and `hidden` are hidden,
+    `readonly` paths stay readable; `env` is added to the job's (otherwise empty) environment.
+    Ranks talk over the sandbox's own loopback.
+
+    Limits come from `config` (c.Sandbox.*). Those sized for a notebook kernel and not set
+    there explicitly get torchrun's: RLIMIT_NPROC and RLIMIT_NOFILE for W ranks' threads and
+    sockets, RLIMIT_CPU per process for a whole launch. With `gpu` the device nodes are bound
+    in, there is no address-space limit (CUDA reserves huge virtual ranges) and /dev/shm
+    (NCCL's transport) is larger."""
+    explicit = set(config["Sandbox"].keys()) if config is not None and "Sandbox" in config \
+        else set()
+    limits = {"max_processes": 1024, "cpu_seconds": 1800, "max_open_files": 4096}
+    if gpu:
+        limits["tmpfs_mb"] = 2048
+    limits = {key: value for key, value in limits.items() if key not in explicit}
+    if gpu:
+        limits["memory_mb"] = 0
+    base_env = dict(Sandbox(config=config).env) if config is not None else {}
+    hide = [str(course_root), *map(str, hidden)]
+
+    def wrapper(argv, job_dir, env=None):
+        return wrap(list(argv), workdir=str(job_dir), scratch=str(job_dir), gpu=gpu,
+                    hidden=hide, readonly=readonly, config=config,
+                    env={**base_env, **(env or {})}, **limits)
     return wrapper

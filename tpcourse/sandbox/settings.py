@@ -26,15 +26,19 @@ class Sandbox(Configurable):
 
     uid = Integer(64000, help=(
         "Unprivileged uid (and gid) the student's code runs as when the grader is root. A "
-        "parallel grader adds its worker index. No passwd entry is needed.")).tag(config=True)
+        "parallel grader adds its worker index. No passwd entry is needed. A grader that is not "
+        "root cannot switch uid: the code then runs as the grader's uid inside a user "
+        "namespace, without capabilities.")).tag(config=True)
 
     memory_mb = Integer(4096, help="Address-space limit (RLIMIT_AS) per process, MiB. "
                         "0 disables (needed with CUDA, which reserves huge virtual ranges)."
                         ).tag(config=True)
     cpu_seconds = Integer(300, help="CPU-time limit (RLIMIT_CPU) for the whole kernel, s."
                           ).tag(config=True)
-    max_processes = Integer(256, help="Process/thread limit (RLIMIT_NPROC) for the sandbox uid."
-                            ).tag(config=True)
+    max_processes = Integer(256, help=(
+        "Process/thread limit (RLIMIT_NPROC) for the sandbox uid; under a grader that is not "
+        "root, for the sandbox's user namespace (Linux >= 5.14; older kernels count the "
+        "grader's own processes too, which are then added).")).tag(config=True)
     max_open_files = Integer(256, help="Open-file limit (RLIMIT_NOFILE).").tag(config=True)
     max_file_mb = Integer(64, help="Largest file a student may write (RLIMIT_FSIZE), MiB."
                           ).tag(config=True)

@@ -1,0 +1,123 @@
+"""grade_class's gpu stage: `ClassGrader` on tp_torch hands the gpu_* task cells to the
+gpu_runner (sandboxed torchrun jobs on CPU/gloo ranks), the scores land in the gradebook and
+the export, and a rerun skips the students whose submission did not change -- SLOW (three
+class runs, three torchrun launches, about two minutes).
+
+The runner gets its flags from GPU_RUNNER_FLAGS (grade_class passes none): world sizes 1 and 2
+only, no timing, to keep the launches short.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from gpu_runner.grade import FLAGS_ENV
+from tpcourse.classgrade import ClassGrader
+from tpcourse.examples import torch_students as cat
+from tpcourse.sandbox import problem
+from tpcourse.submissions import build
+
+pytestmark = [pytest.mark.nbgrader,
+              pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")]
+
+A = "tp_torch"
+REF, WRONG = "torch_reference", "torch_local_shard"
+RUNNER_FLAGS = "--world-sizes 1,2 --no-timing --pg-timeout 10 --timeout 300"
+GPU_TOTAL = sum(cat.GPU_CELLS.values())
+
+
+def _report_times(course):
+    return {s: (course.root / "gpu_reports" / A / s / "report.json").stat().st_mtime_ns
+            for s in (REF, WRONG)}
+
+
+def _csv(course):
+    with open(course.root / "grades.csv") as f:
+        return {row["student_id"]: row for row in csv.DictReader(f) if row["assignment"] == A}
+
+
+def _run(course):
+    outcomes = ClassGrader(course.root, A, progress=False, feedback=False).run()
+    return {o.student: o for o in outcomes}
+
+
+@pytest.fixture(scope="module")
+def runs(make_course):
+    course = make_course("class_gpu", [A], extra_config="")
+    course.generate(A)
+    for name in (REF, WRONG):
+        course.place_submission(name, A, build(cat.BY_NAME[name]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FLAGS_ENV, RUNNER_FLAGS)
+        first = _run(course)
+        state = {"first": (first, {s: course.scores(A, s) for s in first}, _csv(course),
+                           _report_times(course))}
+        second = _run(course)
+        state["second"] = (second, None, None, _report_times(course))
+        # the wrong student fixes the bug and hands in again
+        course.place_submission(WRONG, A, build(cat.BY_NAME[REF]))
+        third = _run(course)
+        state["third"] = (third, {s: course.scores(A, s) for s in third}, _csv(course),
+                          _report_times(course))
+    return course, state
+
+
+def _gpu(scores):
+    return {gid: sc for gid, sc in scores[A].items() if gid.startswith("gpu_")}
+
+
+def test_gpu_cells_are_scored_in_the_gradebook(runs):
+    _, state = runs
+    outcomes, scores, _, _ = state["first"]
+    assert {s: o.status for s, o in outcomes.items()} == {REF: "graded", WRONG: "graded"}, \
+        {s: o.error for s, o in outcomes.items()}
+    ref = _gpu(scores[REF])
+    assert set(ref) == set(cat.GPU_CELLS)
+    assert ref == {gid: (float(p), float(p)) for gid, p in cat.GPU_CELLS.items()}
+    wrong = _gpu(scores[WRONG])
+    lost = {gid for gid, (score, points) in wrong.items() if score < points}
+    assert lost == set(cat.BY_NAME[WRONG].loses)
+    assert all(score == points for gid, (score, points) in wrong.items() if gid not in lost)
+    # the outcome carries them too
+    assert _gpu(outcomes[REF].scores) == ref
+
+
+def test_the_jobs_ran_in_the_sandbox(runs):
+    course, _ = runs
+    for student in (REF, WRONG):
+        report = json.loads((course.root / "gpu_reports" / A / student / "report.json").read_text())
+        assert report["sandboxed"] and report["world_sizes"] == [1, 2], student
+
+
+def test_export_includes_the_gpu_points(runs):
+    _, state = runs
+    _, scores, grades, _ = state["first"]
+    for student in (REF, WRONG):
+        total = sum(score for score, _ in scores[student][A].values())
+        assert float(grades[student]["score"]) == pytest.approx(total, abs=1e-3)
+        assert float(grades[student]["max_score"]) == pytest.approx(
+            sum(points for _, points in scores[student][A].values()))
+    # full marks for the reference only because the gpu cells were scored
+    assert float(grades[REF]["score"]) == pytest.approx(float(grades[REF]["max_score"]))
+    gpu_lost = sum(points - score for score, points in _gpu(scores[WRONG]).values())
+    assert gpu_lost > 0
+    assert float(grades[REF]["score"]) - float(grades[WRONG]["score"]) >= gpu_lost - 1e-3
+
+
+def test_rerun_skips_the_gpu_stage_for_unchanged_students(runs):
+    _, state = runs
+    outcomes, _, _, times = state["second"]
+    assert {s: o.status for s, o in outcomes.items()} == {REF: "unchanged", WRONG: "unchanged"}
+    assert times == state["first"][3]               # no launch, no new report
+
+
+def test_changed_submission_is_graded_again_on_ranks(runs):
+    _, state = runs
+    outcomes, scores, grades, times = state["third"]
+    assert {s: o.status for s, o in outcomes.items()} == {REF: "unchanged", WRONG: "graded"}
+    assert times[REF] == state["first"][3][REF]
+    assert times[WRONG] != state["first"][3][WRONG]
+    assert _gpu(scores[WRONG]) == {gid: (float(p), float(p)) for gid, p in cat.GPU_CELLS.items()}
+    assert float(grades[WRONG]["score"]) == pytest.approx(float(grades[WRONG]["max_score"]))
