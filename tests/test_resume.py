@@ -57,6 +57,18 @@ def _leftovers(root) -> list[str]:
     return left
 
 
+
+def _resume_after_kill(course) -> str:
+    """Once the killed grader's workers and kernels are gone, run it again; its output."""
+    deadline = time.time() + 15
+    while _leftovers(course.root) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(course.root) == []
+    proc = _start(course)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
 def _start(course):
     return subprocess.Popen([sys.executable, "-m", "tpcourse.grade_class", A, "--no-progress",
                              f"--root={course.root}", "--workers=2"],
@@ -79,14 +91,7 @@ def test_sigkill_mid_run_then_resume(make_course):
     assert 2 <= len(before) < len(CLASS), "kill the grader while it still has work to do"
     scores_before = {s: course.scores(A, s) for s in before}
 
-    deadline = time.time() + 15
-    while _leftovers(course.root) and time.time() < deadline:
-        time.sleep(0.2)
-    assert _leftovers(course.root) == []
-
-    proc = _start(course)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
+    out = _resume_after_kill(course)
     after = _recorded(course)
     assert set(after) == {s.student for s in CLASS}
     for student in before:  # graded before the kill: kept as they were, not graded again
@@ -170,14 +175,7 @@ def test_sigkill_inside_the_writers_commit_then_resume(make_course, tmp_path):
     [killed] = moved - set(before)  # its notebook was moved in, its grades never committed
     rows = _rows(course)
     assert sorted(s for s, _ in rows["submissions"]) == sorted(before)
-    deadline = time.time() + 15
-    while _leftovers(course.root) and time.time() < deadline:
-        time.sleep(0.2)
-    assert _leftovers(course.root) == []
-
-    proc = _start(course)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
+    out = _resume_after_kill(course)
     assert "2 graded, 2 unchanged" in out, out[-2000:]
     assert any(ln.startswith(killed + " ") and " graded " in ln for ln in out.splitlines())
     after = _recorded(course)
