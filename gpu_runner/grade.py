@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from . import extract, gradebook, report
-from .launch import Config, run_submission
+from .launch import Config, job_pythonpath, run_submission
 from .plan import make_plan
 
 FLAGS_ENV = "GPU_RUNNER_FLAGS"
@@ -133,17 +133,12 @@ def confinement(root: Path, reports: Path, db_url: str, backend: str):
     return for_torchrun(str(root), gpu=gpu, readonly=readonly, hidden=hidden, config=config)
 
 
-def _pythonpath() -> str:
-    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                         os.environ.get("PYTHONPATH")]))
-
-
 def preflight(src_path: Path, wrap=None, scratch: Path | None = None) -> None:
     """Run the source notebook's setup cell once, alone (in the sandbox, when there is one):
     if it fails here, every submission would fail on import through no fault of its own, so
     grade nobody and say why."""
     code = "\n\n".join(extract.setup_cells(extract.read(src_path)))
-    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    env = {**os.environ, "PYTHONPATH": job_pythonpath()}
     argv, where = [sys.executable, "-c", code], "outside the notebook"
     if wrap is not None:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -99,6 +99,12 @@ def _launch_hint(launches):
 _JOB_ENV = ("PYTHONPATH", "LD_LIBRARY_PATH", "TORCH_NCCL_BLOCKING_WAIT", "OMP_NUM_THREADS")
 
 
+def job_pythonpath() -> str:
+    """A job's PYTHONPATH: this checkout first (the ranks import gpu_runner), then ours."""
+    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                         os.environ.get("PYTHONPATH")]))
+
+
 def job_dir(out) -> Path:
     """The working folder of the ranks of the launch in `out`, where they write their records."""
     return Path(out) / "ranks"
@@ -126,8 +132,7 @@ def _launch(module, out, todo, cfg, index):
     # watchdog aborting the whole process.
     nccl = {"TORCH_NCCL_BLOCKING_WAIT": "1"} if cfg.backend == "nccl" else {}
     env = {**os.environ, **nccl, **cfg.env, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": job_pythonpath()}
     if cfg.wrap is not None:
         inner = {k: v for k, v in env.items() if k in _JOB_ENV or k.startswith("NCCL_")}
         torchrun = cfg.wrap(torchrun, job, {**inner, **cfg.env})

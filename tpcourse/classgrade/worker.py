@@ -65,8 +65,7 @@ def load_config(root: str):
     return config
 
 
-def grade_one(config, root: str, assignment: str, student: str, stage: str,
-              db: Path | None = None) -> dict:
+def grade_one(config, root: str, assignment: str, student: str, stage: str, db: Path) -> dict:
     """Autograde `student` into `stage` (its notebooks) and a private gradebook `db` (a fresh
     copy of the seed); {'ok': bool, 'error': str, 'result': what autograde recorded}."""
     from nbgrader.converters import Autograde
@@ -76,7 +75,7 @@ def grade_one(config, root: str, assignment: str, student: str, stage: str,
     from . import speedups
 
     stage_dir = Path(stage)
-    db = Path(db or stage_dir / "gradebook.db")
+    db = Path(db)
     shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir(parents=True)
     db_url = f"sqlite:///{db}"
