@@ -18,11 +18,11 @@ c.Execute.interrupt_on_timeout = True
 # What students see in place of a solution.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 
-# Student code runs sandboxed (tpcourse/sandbox: bubblewrap namespaces, an unprivileged uid,
+# Student code runs sandboxed (tpsandbox: bubblewrap namespaces, an unprivileged uid,
 # resource limits, no view of source/, the gradebook or other students), also under a plain
 # `nbgrader autograde`. Grading refuses if bubblewrap is missing: run `.ci/setup-system.sh`
 # (as root), or opt out explicitly (unsafe) with c.Sandbox.enabled = False.
-# Limits: c.Sandbox.memory_mb, cpu_seconds, max_processes, ... (tpcourse/sandbox/settings.py).
-from tpcourse.sandbox import configure  # noqa: E402
+# Limits: c.Sandbox.memory_mb, cpu_seconds, max_processes, ... (tpsandbox/settings.py).
+from tpgrader import configure  # noqa: E402
 
 configure(c)

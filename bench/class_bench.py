@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tpcourse import REPO  # noqa: E402
-from tpcourse.classgrade import ClassGrader  # noqa: E402
+from tpgrader.classgrade import ClassGrader  # noqa: E402
 from tpcourse.cycle import Course  # noqa: E402
 from tpcourse.examples import hostile_students as H  # noqa: E402
 from tpcourse.examples import numpy_students as N  # noqa: E402
@@ -34,7 +34,7 @@ from tpcourse.cycle import ensure_tools_on_path  # noqa: E402
 from tpcourse.submissions import build  # noqa: E402
 
 A = "tp_linear"
-SANDBOX = "from tpcourse.sandbox import configure\nconfigure(c)\n"
+SANDBOX = "from tpgrader import configure\nconfigure(c)\n"
 # Hostile students that cost no timeout (those would only measure the timeout itself).
 FAST_HOSTILE = ("h_os_exit", "h_sys_exit", "h_kill_parent", "h_memory_grab", "h_network",
                 "h_read_source", "h_write_gradebook", "h_rebind_numpy", "h_tamper_tests",

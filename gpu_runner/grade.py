@@ -11,7 +11,7 @@ cells, write <reports>/<student>/report.json and timing.png, and set the cells' 
 comments in the gradebook (after `nbgrader autograde`, before `nbgrader export` /
 `generate_feedback`). One student's failure never stops the others.
 
-Every torchrun job runs in the grading sandbox (tpcourse.sandbox: bubblewrap, an unprivileged
+Every torchrun job runs in the grading sandbox (tpsandbox: bubblewrap, an unprivileged
 uid, no network but loopback, resource limits, the course hidden), configured by the course's
 nbgrader_config.py (`c.Sandbox.*`) like the notebook kernels. Where the sandbox cannot run,
 nothing is graded (exit 2, with the reason and the fix) unless that file says
@@ -109,9 +109,9 @@ class SandboxRefused(RuntimeError):
 def confinement(root: Path, reports: Path, db_url: str, backend: str):
     """The `Config.wrap` for this course: its nbgrader_config.py's sandbox (c.Sandbox.*),
     or None when that file disables it. Raises SandboxRefused when it is on but cannot run."""
-    from tpcourse.classgrade.worker import load_config
-    from tpcourse.sandbox import Sandbox, for_torchrun, problem
-    from tpcourse.sandbox.kernel import course_paths
+    from tpgrader import load_config
+    from tpsandbox import Sandbox, for_torchrun, problem
+    from tpsandbox.kernel import course_paths
     config = load_config(str(root))
     sandbox = Sandbox(config=config)
     if not sandbox.enabled:
@@ -185,8 +185,8 @@ def grade_student(student, args, root, src_path, cfg, reports) -> dict:
 def _uid_per_shard(root: Path, shard: int) -> None:
     """Shards sharing a machine get sandbox uids of their own (per-uid process limits stay
     independent): the configured uid plus 100 + the shard index."""
-    from tpcourse.classgrade.worker import load_config
-    from tpcourse.sandbox import UID_ENV, Sandbox
+    from tpgrader import load_config
+    from tpsandbox import UID_ENV, Sandbox
     base = Sandbox(config=load_config(str(root))).effective_uid()
     os.environ[UID_ENV] = str(base + 100 + shard)
 

@@ -38,7 +38,7 @@ class Config:
     wall_timeout: float = 900.0     # the whole launch
     max_launches: int = 4
     env: dict = field(default_factory=dict)
-    # wrap(torchrun_argv, job_dir, env) -> argv: the confinement (tpcourse.sandbox.for_torchrun)
+    # wrap(torchrun_argv, job_dir, env) -> argv: the confinement (tpsandbox.for_torchrun)
     # the job runs in. It must leave job_dir writable (the records, a copy of the module) and
     # pass `env` (PYTHONPATH, NCCL_*, ...) to the job; None runs torchrun as the grader.
     wrap: object = None

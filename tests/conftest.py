@@ -30,7 +30,7 @@ def pytest_sessionstart(session):
     """Under pytest-xdist, give each test worker its own range of sandbox uids, so that per-uid
     process limits (the process-storm test) never couple two workers' kernels."""
     import os
-    from tpcourse.sandbox import UID_ENV, Sandbox
+    from tpsandbox import UID_ENV, Sandbox
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if worker.startswith("gw") and UID_ENV not in os.environ:
         os.environ[UID_ENV] = str(Sandbox().uid + 100 * (int(worker[2:]) + 1))

@@ -30,7 +30,7 @@ import pytest
 from gpu_runner import grade
 from tpcourse import REPO
 from tpcourse.examples import torch_students as cat
-from tpcourse.sandbox import UID_ENV, Sandbox, problem
+from tpsandbox import UID_ENV, Sandbox, problem
 from tpcourse.submissions import Submission, build
 
 pytestmark = [pytest.mark.nbgrader,

@@ -12,16 +12,16 @@ import sys
 
 import pytest
 
-from tpcourse.classgrade import ClassGrader
+from tpgrader.classgrade import ClassGrader
 from tpcourse.examples import numpy_students as N
-from tpcourse.sandbox import problem
+from tpsandbox import problem
 from tpcourse.submissions import Submission, build
 
 pytestmark = [pytest.mark.nbgrader,
               pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")]
 
 A = "tp_linear"
-CONFIG = "from tpcourse.sandbox import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
+CONFIG = "from tpgrader import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
 CLASS = [s for s in N.ALL if s.assignment == A and s.student in
          ("reference", "unmodified", "np_split", "bias_in_partial", "column_all_reduce",
           "alt_loops")]

@@ -14,9 +14,9 @@ import json
 import pytest
 
 from gpu_runner.grade import FLAGS_ENV
-from tpcourse.classgrade import ClassGrader
+from tpgrader.classgrade import ClassGrader
 from tpcourse.examples import torch_students as cat
-from tpcourse.sandbox import problem
+from tpsandbox import problem
 from tpcourse.submissions import build
 
 pytestmark = [pytest.mark.nbgrader,

@@ -8,17 +8,17 @@ import socket
 
 import pytest
 
-from tpcourse.classgrade import ClassGrader
+from tpgrader.classgrade import ClassGrader
 from tpcourse.examples import hostile_students as H
 from tpcourse.examples import numpy_students as N
-from tpcourse.sandbox import problem
+from tpsandbox import problem
 from tpcourse.submissions import build
 
 pytestmark = [pytest.mark.nbgrader,
               pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")]
 
 # 15 s per cell: room for importing torch on a loaded 2-core machine, and still a real timeout.
-CONFIG = "from tpcourse.sandbox import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
+CONFIG = "from tpgrader import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
 ORDINARY = [s for s in N.ALL if s.assignment == H.ASSIGNMENT and s.student in
             ("reference", "local_shard", "bias_every_rank", "alt_einsum")]
 

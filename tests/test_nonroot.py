@@ -29,7 +29,7 @@ from tpcourse import REPO
 from tpcourse.cycle import Course
 from tpcourse.examples import hostile_students as H
 from tpcourse.examples import numpy_students as N
-from tpcourse.sandbox import problem
+from tpsandbox import problem
 from tpcourse.submissions import build
 
 pytestmark = [
@@ -41,7 +41,7 @@ pytestmark = [
 
 UID = 65533
 A = "tp_linear"
-CONFIG = "from tpcourse.sandbox import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
+CONFIG = "from tpgrader import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
 STAMP = "2026-11-20 10:00:00.000000 UTC"
 ORDINARY = [s for s in N.ALL if s.assignment == A and s.student in ("reference", "np_split")]
 HOSTILE = [H.by_name(n) for n in ("h_read_source", "h_write_gradebook", "h_kill_parent")]
@@ -276,7 +276,7 @@ def test_the_sandbox_confines_a_non_root_graders_student(user, tmp_path):
     script = user.base / "probe" / "probe.py"
     script.write_text(textwrap.dedent(f"""
         import json, os, subprocess, sys, textwrap
-        from tpcourse.sandbox import command, wrap
+        from tpsandbox import command, wrap
         inside = textwrap.dedent('''
             import ctypes, json, os, resource, time
             res = {{"uid": os.getuid(), "status": open("/proc/self/status").read(),

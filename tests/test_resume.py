@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tpcourse.classgrade import ClassGrader
+from tpgrader.classgrade import ClassGrader
 from tpcourse.examples import numpy_students as N
-from tpcourse.sandbox import problem
+from tpsandbox import problem
 from tpcourse.submissions import build
 
 pytestmark = [pytest.mark.nbgrader,
               pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")]
 
 A = "tp_linear"
-CONFIG = "from tpcourse.sandbox import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
+CONFIG = "from tpgrader import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
 CLASS = [s for s in N.ALL if s.assignment == A and s.student in
          ("reference", "local_shard", "np_split", "bias_every_rank", "alt_einsum", "dense_as_all_gather")]
 
@@ -157,7 +157,7 @@ def test_sigkill_inside_the_writers_commit_then_resume(make_course, tmp_path):
     """The writer dies after flushing one student's grades and digest, before committing
     them (fault injected by TPCOURSE_TEST_KILL_IN_COMMIT): sqlite rolls the transaction back,
     the next run grades that student again, and the end state is a clean run's."""
-    from tpcourse.classgrade.gradebook import KILL_IN_COMMIT_ENV
+    from tpgrader.classgrade.gradebook import KILL_IN_COMMIT_ENV
     course = make_course("commit_kill", assignments=[A], extra_config=CONFIG)
     _fill(course, COMMIT_CLASS)
     clean = _copy_course(course, tmp_path / "clean")   # graded in one go, at the end
@@ -195,13 +195,13 @@ def test_sigkill_inside_the_writers_commit_then_resume(make_course, tmp_path):
 
 # -- sandbox folders left by a SIGKILLed grader ---------------------------------------------
 
-SANDBOX_CONFIG = "from tpcourse.sandbox import configure\nconfigure(c)\nc.Execute.timeout = 120\n"
+SANDBOX_CONFIG = "from tpgrader import configure\nconfigure(c)\nc.Execute.timeout = 120\n"
 
 # A grader of its own: one sandboxed kernel, held until a line arrives on stdin, then used
 # (proving its folder, with the kernel's sockets, is intact) and shut down.
 _HOLD = r'''
 import asyncio, sys
-from tpcourse.sandbox.kernel import SandboxKernelManager
+from tpsandbox.kernel import SandboxKernelManager
 
 async def main():
     km = SandboxKernelManager(kernel_name="python3", sandbox_dir=sys.argv[1])
@@ -236,7 +236,7 @@ def _toy(code: str):
 
 
 def _marked(sbx) -> set:
-    from tpcourse.sandbox.kernel import LOCK_MARK
+    from tpsandbox.kernel import LOCK_MARK
     return {p for p in sbx.glob("tpsb-*") if (p / LOCK_MARK).exists()}
 
 
@@ -256,7 +256,7 @@ def test_sigkilled_graders_sandbox_folders_are_swept_live_ones_kept(make_course,
     removes its folder, and keeps the folder of a grader still running beside it, unmarked
     folders (older graders') and other users' folders."""
     import nbformat
-    from tpcourse.sandbox.kernel import LOCK_MARK
+    from tpsandbox.kernel import LOCK_MARK
     sbx = tmp_path / "sbx"
     sbx.mkdir()
     course = make_course("stale_dirs", assignments=[], extra_config=SANDBOX_CONFIG +

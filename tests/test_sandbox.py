@@ -17,7 +17,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from tpcourse import REPO
-from tpcourse.sandbox import UID_ENV, Sandbox, SandboxUnavailable, problem, require, wrap
+from tpsandbox import UID_ENV, Sandbox, SandboxUnavailable, problem, require, wrap
 
 pytestmark = pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")
 
@@ -232,7 +232,7 @@ def test_refuses_clearly_without_bwrap_unless_opted_out():
 
 # -- through stock `nbgrader autograde`, configured from nbgrader_config.py -----------------
 
-SANDBOX_CONFIG = "from tpcourse.sandbox import configure\nconfigure(c)\n"
+SANDBOX_CONFIG = "from tpgrader import configure\nconfigure(c)\n"
 
 
 def _toy(code: str):

@@ -1,4 +1,4 @@
-"""The grading worker's speed-ups (tpcourse.classgrade.speedups) keep nbgrader's verdicts.
+"""The grading worker's speed-ups (tpgrader.classgrade.speedups) keep nbgrader's verdicts.
 
 The end-to-end proof is tests/test_grade_class.py (a parallel run grades exactly like a
 sequential `nbgrader autograde`); these tests pin each speed-up on its own.
@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 from nbgrader.nbgraderformat import MetadataValidator
 
-from tpcourse.classgrade import speedups
+from tpgrader.classgrade import speedups
 
 
 def _cells():

@@ -27,8 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    from .classgrade import ClassGrader, GraderError
-    from .classgrade.summary import table
+    from tpgrader.classgrade import ClassGrader, GraderError
+    from tpgrader.classgrade.summary import table
     grader = ClassGrader(args.root, args.assignment, workers=args.workers,
                          students=tuple(args.student), force=args.force,
                          gpu="skip" if args.no_gpu else "auto", feedback=not args.no_feedback,

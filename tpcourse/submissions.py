@@ -7,15 +7,12 @@ mapping {grade_id: code}; every solution cell it does not name gets the instruct
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nbformat
+from tpjudge.cells import grade_id, is_solution, read, reference_answers  # noqa: F401
 
 from . import REPO
-
-_MARKER = re.compile(r"^\s*### (BEGIN|END) SOLUTION\s*$")
 
 
 @dataclass(frozen=True)
@@ -34,28 +31,6 @@ class Submission:
     why: str = ""
     unanswered: frozenset = frozenset()
     loses_all: bool = False
-
-
-def read(path: Path) -> nbformat.NotebookNode:
-    return nbformat.read(str(path), as_version=4)
-
-
-def grade_id(cell) -> str | None:
-    return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-
-
-def is_solution(cell) -> bool:
-    return bool(cell.get("metadata", {}).get("nbgrader", {}).get("solution"))
-
-
-def reference_answers(source_nb) -> dict[str, str]:
-    """The instructor's answer for each solution cell, as a student would type it."""
-    answers = {}
-    for cell in source_nb.cells:
-        if is_solution(cell) and cell.cell_type == "code":
-            lines = [ln for ln in cell.source.splitlines() if not _MARKER.match(ln)]
-            answers[grade_id(cell)] = "\n".join(lines)
-    return answers
 
 
 def fill(release_nb, answers: dict[str, str]):

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
 from dataclasses import dataclass, field
 
 import numpy
 import numpy.testing
 
-from . import _harness
+from tpjudge.cells import meta, stub, strip_markers
 
-_MARKER = re.compile(r"^\s*### (BEGIN|END) SOLUTION\s*$")
-_SOLUTION = re.compile(r"^([ \t]*)### BEGIN SOLUTION[^\n]*\n.*?^[ \t]*### END SOLUTION[^\n]*$",
-                       re.M | re.S)
+from . import _harness
 
 
 @dataclass
@@ -27,16 +24,6 @@ class Run:
     errors: dict = field(default_factory=dict)     # other cells' grade_id/index -> error text
     graded: list = field(default_factory=list)     # every graded grade_id, in order
     namespace: dict = field(default_factory=dict)
-
-
-def _meta(cell):
-    return cell.get("metadata", {}).get("nbgrader", {})
-
-
-def stub(source: str) -> str:
-    """A solution cell as the release shows it (nbgrader's ClearSolutions, in short)."""
-    return _SOLUTION.sub(lambda m: f"{m.group(1)}# YOUR CODE HERE\n{m.group(1)}raise NotImplementedError()",
-                         source)
 
 
 def run(nb, answers: dict | None = None, release: bool = False) -> Run:
@@ -53,21 +40,21 @@ def run(nb, answers: dict | None = None, release: bool = False) -> Run:
         for index, cell in enumerate(nb.cells):
             if cell.cell_type != "code":
                 continue
-            meta = _meta(cell)
-            gid = meta.get("grade_id") or f"cell-{index}"
+            m = meta(cell)
+            gid = m.get("grade_id") or f"cell-{index}"
             source = cell.source
-            if meta.get("solution"):
+            if m.get("solution"):
                 if answers and gid in answers:
                     source = answers[gid]
                 elif release:
                     source = stub(source)
                 else:
-                    source = "\n".join(ln for ln in source.splitlines() if not _MARKER.match(ln))
-            if meta.get("grade"):
+                    source = strip_markers(source)
+            if m.get("grade"):
                 result.graded.append(gid)
             error = _execute(source, gid, result.namespace)
             if error:
-                (result.failed if meta.get("grade") else result.errors)[gid] = error
+                (result.failed if m.get("grade") else result.errors)[gid] = error
     finally:
         for mod, attrs in saved:
             for name in set(vars(mod)) - set(attrs):

@@ -1,30 +1,19 @@
 """Run student code confined: bubblewrap namespaces, resource limits, an unprivileged uid.
 
-Switched on from nbgrader_config.py, so that a plain `nbgrader autograde` is sandboxed:
+Used by every place where student code runs while grading: the notebook kernels of `nbgrader
+autograde` (tpsandbox.kernel, plugged in by tpgrader.configure from nbgrader_config.py), the
+judge's student processes (tpjudge) and the gpu_runner's torchrun jobs. Limits are set in
+nbgrader_config.py as `c.Sandbox.<name>` (tpsandbox/settings.py).
 
-    from tpcourse.sandbox import configure
-    configure(c)                      # Execute -> SandboxedExecute in Autograde's pipeline
-    c.Sandbox.memory_mb = 4096        # optional: limits, see tpcourse/sandbox/settings.py
-
-`wrap(argv, ...)` gives the same confinement to any other command (the gpu_runner's torchrun
-jobs, with `gpu=True` so the device nodes stay reachable).
+`wrap(argv, ...)` confines any command (with `gpu=True` the device nodes stay reachable).
 """
 from __future__ import annotations
 
 from .check import SandboxUnavailable, problem, require
 from .settings import UID_ENV, Sandbox
 
-__all__ = ["Sandbox", "SandboxUnavailable", "UID_ENV", "configure", "for_torchrun", "problem",
-           "require", "wrap"]
-
-
-def configure(c) -> None:
-    """Swap nbgrader's Execute for SandboxedExecute in the autograde pipeline of config `c`."""
-    from nbgrader.converters import Autograde
-    from nbgrader.preprocessors import Execute
-    from .execute import SandboxedExecute
-    current = c.Autograde.get("autograde_preprocessors") or Autograde.autograde_preprocessors.default()
-    c.Autograde.autograde_preprocessors = [SandboxedExecute if p is Execute else p for p in current]
+__all__ = ["Sandbox", "SandboxUnavailable", "UID_ENV", "for_torchrun", "problem", "require",
+           "wrap"]
 
 
 def wrap(argv: list[str], *, workdir: str, scratch: str | None = None, gpu: bool = False,

@@ -24,6 +24,9 @@ from pathlib import Path
 
 from .settings import Sandbox
 
+# The project checkout (instructor tooling, example solutions): hidden from student code.
+REPO = Path(__file__).resolve().parents[1]
+
 # Environment passed through from the grader (everything else, e.g. database passwords, is not).
 _PASS_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONHASHSEED", "PYTHONPATH",
              "NBGRADER_EXECUTION", "JPY_SESSION_NAME",
@@ -35,7 +38,6 @@ _THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_
 def default_hidden(extra=()) -> list[str]:
     """Trees no student may read: homes, runtime sockets, the project checkout, and `extra`
     (the course root, exchange, gradebook...)."""
-    from .. import REPO
     paths = ["/root", "/home", "/run", "/var/run", "/var/lib/postgresql", str(REPO), *extra]
     return _existing_unique(paths)
 

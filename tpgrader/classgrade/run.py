@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import gradebook as gbk
-from .worker import load_config
+from .. import load_config
 
 
 class GraderError(RuntimeError):
@@ -73,7 +73,7 @@ class ClassGrader:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> list[Outcome]:
-        from ..sandbox import Sandbox, problem
+        from tpsandbox import Sandbox, problem
         why = problem(Sandbox(config=self.config))
         if why:
             raise GraderError(why)
@@ -230,7 +230,7 @@ def _serve(*args):
 def _uid_base(config):
     if os.geteuid() != 0:
         return None
-    from ..sandbox import Sandbox
+    from tpsandbox import Sandbox
     # effective_uid: an outer orchestrator (e.g. parallel test workers) may pick the uid range.
     return Sandbox(config=config).effective_uid()
 

@@ -12,8 +12,8 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat.notebooknode import NotebookNode
 from nbgrader.preprocessors import Execute
 
-from .kernel import SandboxKernelManager
-from .settings import Sandbox
+from tpsandbox.kernel import SandboxKernelManager
+from tpsandbox.settings import Sandbox
 
 
 def _error(ename: str, evalue: str) -> NotebookNode:
@@ -28,7 +28,7 @@ class SandboxedExecute(Execute):
         super().__init__(*args, **kwargs)
         self.sandbox = Sandbox(parent=self)
         if self.sandbox.enabled:
-            from .check import require
+            from tpsandbox.check import require
             require(self.sandbox)  # refuse before any notebook runs, with the fix in the message
         else:
             self.log.warning("Sandbox disabled (c.Sandbox.enabled = False): student code runs "

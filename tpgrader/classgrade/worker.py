@@ -14,7 +14,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from ..sandbox.settings import UID_ENV
+from tpsandbox.settings import UID_ENV
+
+from .. import load_config
 
 
 def _die_with_parent() -> None:
@@ -51,18 +53,6 @@ def serve(index: int, root: str, parent_pid: int, tasks, results, uid_base: int 
         db = Path(stage).parent / f"worker-{index}.db"  # one file: its engine is reused
         results.put(("done", index, student,
                      grade_one(config, root, assignment, student, stage, db)))
-
-
-def load_config(root: str):
-    """The course's nbgrader configuration, as `nbgrader` run in `root` would load it."""
-    from traitlets.config import Config
-    from traitlets.config.loader import PyFileConfigLoader
-    config = Config()
-    path = Path(root) / "nbgrader_config.py"
-    if path.exists():
-        config.merge(PyFileConfigLoader(path.name, path=str(path.parent)).load_config())
-    config.CourseDirectory.root = str(root)
-    return config
 
 
 def grade_one(config, root: str, assignment: str, student: str, stage: str, db: Path) -> dict:

@@ -1,0 +1,1 @@
+"""nbgrader preprocessors of the course, one per file (plugged in by tpgrader.configure)."""

@@ -1,0 +1,1 @@
+"""Judging apart from student code (placeholder)."""
