@@ -17,6 +17,8 @@ Where each part of a torch check runs, and why that is enough:
   tpgrade.torch_ranks, so the ranks start from real collectives and the real rank machinery,
   whatever the notebook rebound (`dist.all_reduce = fake`, `torch_ranks._collect = ...`).
   The checks call the `run_on_ranks` captured here, never the notebook's name for it.
+* Under `nbgrader autograde` none of this is needed: the judge (tpjudge) runs the checks in the
+  grader's process, where no student code runs, and the ranks in the student's own process.
 """
 import torch
 import torch.distributed as dist
@@ -33,7 +35,7 @@ no_grad = torch.no_grad
 _backward = torch.autograd.backward
 get_rank = dist.get_rank
 is_initialized = dist.is_initialized
-run_on_ranks = torch_ranks.run_on_ranks
+_run_on_ranks = torch_ranks.run_on_ranks
 
 # The functions a layer or the rank machinery calls; not the module's state (the process-group
 # registry changes legitimately), so names only.
@@ -43,6 +45,16 @@ _DIST_NAMES = (
     "reduce_scatter", "reduce_scatter_tensor", "broadcast", "reduce", "all_to_all",
     "all_to_all_single", "gather", "scatter", "send", "recv", "isend", "irecv")
 _GENUINE = (Genuine(dist, _DIST_NAMES), Genuine(c10d, _DIST_NAMES), Genuine(torch_ranks))
+
+
+def run_on_ranks(fn, world_size, *args, **kwargs):
+    """torch_ranks.run_on_ranks, as captured; under the judge (tpjudge), where the student's
+    layers are stand-ins for code in another process, the ranks are forked in that process
+    and only their data comes back."""
+    remote = next((a.__tpjudge_remote__ for a in args if hasattr(a, "__tpjudge_remote__")), None)
+    if remote is not None:
+        return remote.run_on_ranks(fn, world_size, *args, **kwargs)
+    return _run_on_ranks(fn, world_size, *args, **kwargs)
 
 
 def restore():

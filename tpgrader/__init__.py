@@ -1,7 +1,7 @@
 """The grader: nbgrader plug-ins (tpgrader.preprocessors) and class grading (tpgrader.classgrade).
 
 nbgrader_config.py plugs the course in with one call, so that a plain `nbgrader autograde` runs
-student code sandboxed and takes its verdicts from the judge:
+student code sandboxed (tpsandbox) and takes every test cell's verdict from the judge (tpjudge):
 
     from tpgrader import configure
     configure(c)
@@ -14,12 +14,13 @@ __all__ = ["configure", "load_config"]
 
 
 def configure(c) -> None:
-    """Swap nbgrader's Execute for the sandboxed one in the autograde pipeline of config `c`."""
+    """Swap nbgrader's Execute for JudgedExecute (the kernel sandboxed, the test cells judged
+    outside it) in the autograde pipeline of config `c`."""
     from nbgrader.converters import Autograde
     from nbgrader.preprocessors import Execute
-    from .preprocessors.sandboxed_execute import SandboxedExecute
+    from .preprocessors.judged_execute import JudgedExecute
     current = c.Autograde.get("autograde_preprocessors") or Autograde.autograde_preprocessors.default()
-    c.Autograde.autograde_preprocessors = [SandboxedExecute if p is Execute else p for p in current]
+    c.Autograde.autograde_preprocessors = [JudgedExecute if p is Execute else p for p in current]
 
 
 def load_config(root: str):

@@ -5,24 +5,19 @@ into the sandbox (a network namespace cuts it off from the grader's TCP loopback
 in a scratch copy of the notebook's folder (without any notebook in it: the file being graded
 holds the hidden tests), bound at the same path so that relative paths behave as usual.
 
-Those folders (`tpsb-*` in the temp dir) are removed when the kernel is cleaned up; a grader
-killed with SIGKILL cannot, so the grader holds an flock on each folder it made for as long as it
-lives, and the next kernel any grader of the same uid starts removes those whose lock is free.
+Its folder (tpsandbox.scratch) is removed when the kernel is cleaned up, or by the next grader
+after a grader killed with SIGKILL.
 """
 from __future__ import annotations
 
-import fcntl
-import glob
 import os
-import shutil
-import stat
-import tempfile
 from pathlib import Path
 
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import Unicode
 
 from . import command
+from .scratch import LOCK_MARK, new_scratch, remove_tree, working_copy  # noqa: F401
 from .settings import Sandbox
 
 
@@ -37,76 +32,6 @@ def course_paths(config) -> list[str]:
     if config.get("Exchange", {}).get("root"):
         paths.append(str(config["Exchange"]["root"]))
     return paths
-
-
-PREFIX = "tpsb-"
-# Made inside a kernel folder once its maker holds the folder's lock: a folder without it (an
-# older grader's, or one being made this instant) is never judged stale.
-LOCK_MARK = "grader.lock"
-
-
-def make_kernel_dir(parent: str | None = None) -> tuple[Path, int]:
-    """A new kernel folder and the descriptor that holds its lock (close it after removing)."""
-    base = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no sweeper locks an unmarked one
-        os.close(os.open(base / LOCK_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         0o600))
-    except BaseException:
-        os.close(fd)
-        remove_tree(base)
-        raise
-    return base, fd
-
-
-def sweep_stale(parent: str | None = None) -> list[str]:
-    """Remove the kernel folders in `parent` (default: the temp dir) that belong to this uid,
-    are marked, and whose lock nobody holds: their grader was killed. Live ones are kept."""
-    removed = []
-    for path in glob.glob(os.path.join(parent or tempfile.gettempdir(), PREFIX + "*")):
-        try:
-            st = os.lstat(path)
-            if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
-                    or not os.path.isfile(os.path.join(path, LOCK_MARK))):
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live grader's
-            now = os.lstat(path)
-            if (now.st_dev, now.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
-                remove_tree(path)
-                removed.append(path)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return removed
-
-
-def remove_tree(path) -> None:
-    """rmtree, also through folders a student left without permissions for their owner (a
-    grader that is not root shares its uid with the student's code)."""
-    shutil.rmtree(path, ignore_errors=True)
-    if not os.path.lexists(path):
-        return
-    for root, dirs, _ in os.walk(path):
-        for name in dirs:
-            sub = os.path.join(root, name)
-            if not os.path.islink(sub):
-                try:
-                    os.chmod(sub, 0o700)
-                except OSError:
-                    pass
-    shutil.rmtree(path, ignore_errors=True)
-
-
-_swept: set = set()  # temp dirs this process has swept already
 
 
 class SandboxKernelManager(AsyncKernelManager):
@@ -126,26 +51,15 @@ class SandboxKernelManager(AsyncKernelManager):
             return await super()._async_pre_start_kernel(**kw)
         from .check import require
         require(self.sandbox)
-        parent = self.sandbox_dir or None
-        if parent not in _swept:
-            _swept.add(parent)
-            stale = sweep_stale(parent)
-            if stale:
-                self.log.info("removed %d sandbox folder(s) left by killed graders: %s",
-                              len(stale), " ".join(stale))
         self._release()  # a restart makes a new folder
-        self._base, self._lock_fd = make_kernel_dir(parent)
+        self._base, self._lock_fd = new_scratch(self.sandbox_dir or None, self.log)
         self._base.chmod(0o711)  # bwrap mirrors it as the mount point's parent: uid must traverse
         conn = command.prepare_dir(self._base / "c", self.sandbox)
         self.transport, self.cache_ports = "ipc", False
         self.ip = str(conn / "k")
         self.connection_file = str(conn / "kernel.json")
         workdir = os.path.abspath(kw.get("cwd") or os.getcwd())
-        scratch = self._base / "w"
-        if os.path.isdir(workdir) and not str(self._base).startswith(workdir.rstrip("/") + "/"):
-            shutil.copytree(workdir, scratch, ignore=shutil.ignore_patterns("*.ipynb"),
-                            dirs_exist_ok=True)
-        command.prepare_dir(scratch, self.sandbox)
+        scratch = working_copy(workdir, self._base / "w", self.sandbox)
         kernel_cmd, kw = await super()._async_pre_start_kernel(**kw)
         os.chown(self.connection_file, self.sandbox.effective_uid(), -1) if os.geteuid() == 0 else None
         kernel_cmd = command.build(self.sandbox, kernel_cmd, workdir=workdir,

@@ -1,0 +1,100 @@
+"""nbgrader's Execute, with every test cell's verdict decided by the judge.
+
+The notebook runs in its sandboxed kernel as before (SandboxedExecute), so the feedback shows
+what the student's cells printed or raised, but with the test cells left out. Then the judge
+(tpjudge) runs the test cells in THIS process, where no student code runs, against the
+student's functions in a fresh sandboxed process of their own, and writes each test cell's
+outputs: what the student's code printed during it and the verdict. nbgrader's SaveAutoGrades
+scores those outputs as usual (an error or stderr output: no points).
+
+`c.Judge.enabled = False` runs the test cells in the kernel instead (for comparisons only: code
+in a solution cell can then reach the checks).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from tpjudge import notebook, session
+from tpjudge.cells import is_test
+from tpjudge.errors import StudentGone
+from tpjudge.settings import Judge
+from tpsandbox import wrap
+from tpsandbox.kernel import course_paths
+from tpsandbox.scratch import new_scratch, remove_tree, working_copy
+
+from .sandboxed_execute import SandboxedExecute
+
+PLACEHOLDER = "# (judged by the grader, outside this kernel)"
+
+
+class JudgeUnavailable(RuntimeError):
+    """The judge cannot start a student's process here: grade nobody, say why."""
+
+
+_tried: set = set()   # (sandboxed, uid) combinations whose trial process started
+
+
+class JudgedExecute(SandboxedExecute):
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.judge = Judge(parent=self)
+        if self.judge.enabled:
+            self._trial()
+
+    def preprocess(self, nb, resources=None, km=None):
+        if not self.judge.enabled:
+            return super().preprocess(nb, resources, km)
+        tests = {i: cell.source for i, cell in enumerate(nb.cells) if is_test(cell)}
+        for i in tests:
+            nb.cells[i].source = PLACEHOLDER
+        try:
+            nb, resources = super().preprocess(nb, resources, km)
+        finally:
+            for i, source in tests.items():
+                nb.cells[i].source = source
+        workdir = (resources or {}).get("metadata", {}).get("path") or os.getcwd()
+        for i, outputs in notebook.judge(nb, lambda: self._start(workdir)).items():
+            nb.cells[i].outputs = outputs
+        return nb, resources
+
+    def _settings(self) -> Judge:
+        settings = Judge(parent=self)
+        settings.timeout = self.judge.timeout or int(self.timeout or 30)
+        return settings
+
+    def _start(self, workdir: str) -> session.Student:
+        """The student's process, in the sandbox (when it is on), working in a scratch copy
+        of the notebook's folder bound at the folder's own path."""
+        base, lock = new_scratch(None, self.log)
+
+        def cleanup():
+            remove_tree(base)
+            os.close(lock)
+        scratch = working_copy(workdir, base / "w", self.sandbox)
+        confine = None
+        if self.sandbox.enabled:
+            def confine(argv):
+                return wrap(argv, workdir=workdir, scratch=str(scratch),
+                            hidden=course_paths(self.config), config=self.config)
+        try:
+            return session.start(workdir, self._settings(), wrap=confine, scratch=scratch,
+                                 cleanup=cleanup)
+        except BaseException:
+            cleanup()
+            raise
+
+    def _trial(self) -> None:
+        """Start one student's process before any notebook: if the judge cannot run here,
+        refuse now, naming the cause, rather than fail every student."""
+        key = (self.sandbox.enabled, self.sandbox.effective_uid())
+        if key in _tried:
+            return
+        with tempfile.TemporaryDirectory(prefix="tpjudge-trial-") as folder:
+            try:
+                student = self._start(folder)
+                student.close()
+            except StudentGone as exc:
+                raise JudgeUnavailable(f"the judge cannot grade here: {exc}") from None
+        _tried.add(key)

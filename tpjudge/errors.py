@@ -1,0 +1,58 @@
+"""What can go wrong between the judge and a student's process, and the student's exceptions
+as the judge re-raises them (built from data: a type's name, its built-in bases, a message)."""
+from __future__ import annotations
+
+import builtins
+
+
+class StudentGone(RuntimeError):
+    """The student's process has ended (it exited, crashed, was killed, or broke the protocol);
+    every later request fails with the same reason."""
+
+
+class CellTimeout(RuntimeError):
+    """The student's code ran past its cell's time limit and was interrupted."""
+
+
+_HARNESS_ERRORS = {("tpgrade.torch_ranks", "RankError")}
+_CLASSES: dict = {}
+# Exceptions that must never unwind the judge itself: re-raised as ordinary Exceptions.
+_SPECIAL = {"SystemExit", "KeyboardInterrupt", "GeneratorExit", "BaseException"}
+
+
+def rebuild(desc) -> Exception:
+    """An exception raised by the student's code, to raise here: the same built-in type
+    (ValueError stays ValueError), or a class of the same name derived from its nearest
+    built-in base, so `except ValueError` in a check behaves as if the code ran here."""
+    desc = desc if isinstance(desc, dict) else {}
+    name = str(desc.get("ename") or "Exception")[:100]
+    message = str(desc.get("evalue", ""))
+    module = str(desc.get("module", ""))
+    if (module, name) in _HARNESS_ERRORS:
+        exc = _harness_error(name, message, desc.get("attrs") or {})
+    else:
+        exc = _class(name, desc.get("bases") or [])(message)
+    lines = desc.get("traceback")
+    exc.student_traceback = [str(line) for line in lines] if isinstance(lines, list) else []
+    return exc
+
+
+def _class(name: str, bases) -> type:
+    found = getattr(builtins, name, None)
+    if name not in _SPECIAL and isinstance(found, type) and issubclass(found, Exception):
+        return found
+    base = next((getattr(builtins, b) for b in bases if isinstance(b, str) and b not in _SPECIAL
+                 and isinstance(getattr(builtins, b, None), type)
+                 and issubclass(getattr(builtins, b), Exception)), Exception)
+    key = (name, base)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(name if name.isidentifier() else "StudentError", (base,), {})
+    return _CLASSES[key]
+
+
+def _harness_error(name, message, attrs):
+    from tpgrade.torch_ranks import RankError
+    text = {k: str(attrs.get(k, "")) for k in ("exc_type", "rank_traceback", "rank_stderr")}
+    rank = attrs.get("rank") if type(attrs.get("rank")) is int else -1
+    return RankError(message, rank, text["exc_type"], text["rank_traceback"], None,
+                     text["rank_stderr"])

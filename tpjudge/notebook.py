@@ -1,0 +1,96 @@
+"""Judge a notebook: its test cells run HERE, in the grader's process, and call the student's
+functions in the student's process (tpjudge.session), whose given and solution cells run there
+in notebook order, as in a kernel.
+
+A test cell is executed as written (its source comes from the gradebook, not from the
+student): `import tpgrade.linear as check` imports the genuine checks, and a name the cell does
+not define itself (`column_parallel`) is looked up in the student's program and stands for it.
+Nested scopes in a test cell (a lambda, a comprehension) do not see the student's names.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import warnings
+
+from nbformat.v4 import new_output
+
+from .cells import grade_id, is_given, is_solution, is_test, without_magics
+from .errors import CellTimeout, StudentGone
+from .session import StudentObject
+
+
+class _StudentNames(dict):
+    """The test cell's local names; a missing one is the student's (or a built-in)."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def __missing__(self, name):
+        kind, value = self.student.lookup(name)
+        if kind == "callable":
+            return StudentObject(self.student, name)
+        if kind == "value":
+            return value
+        raise KeyError(name)
+
+
+def judge(nb, start_student) -> dict[int, list]:
+    """{index of each test cell: its outputs}. `start_student()` -> a started Student."""
+    if not any(is_test(c) for c in nb.cells):
+        return {}
+    student = start_student()
+    verdicts = {}
+    try:
+        for index, cell in enumerate(nb.cells):
+            if is_test(cell):
+                verdicts[index] = run_test(student, cell.source, grade_id(cell) or f"cell-{index}")
+            elif cell.cell_type == "code" and (is_given(cell) or is_solution(cell)):
+                _run_program_cell(student, grade_id(cell) or f"cell-{index}", cell.source)
+    finally:
+        student.close()
+    return verdicts
+
+
+def _run_program_cell(student, name, source) -> None:
+    """The kernel shows what a given or solution cell printed or raised; here it only runs."""
+    with contextlib.suppress(CellTimeout, StudentGone), student.cell_limit(name):
+        student.run_cell(name, without_magics(source))
+    student.take_output()
+
+
+def run_test(student, source, name) -> list:
+    """One test cell's outputs: the student's output during it, and the verdict's error."""
+    names = _StudentNames(student)
+    scope = {"__builtins__": builtins, "__name__": "__main__"}
+    error = None
+    printed = io.StringIO()
+    try:
+        with student.cell_limit(name), contextlib.redirect_stdout(printed), \
+                contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            # the judge's own warnings are not the student's output (stderr fails a test)
+            warnings.simplefilter("ignore")
+            exec(compile(source, f"<{name}>", "exec"), scope, names)  # noqa: S102 - course code
+    except BaseException as exc:  # noqa: BLE001 - every failure is the cell's verdict
+        error = error_output(exc)
+    out, err = student.take_output()
+    outputs = []
+    if out or printed.getvalue():
+        outputs.append(new_output("stream", name="stdout", text=out + printed.getvalue()))
+    if err:
+        outputs.append(new_output("stream", name="stderr", text=err))
+    if error is not None:
+        outputs.append(error)
+    return outputs
+
+
+def error_output(exc: BaseException):
+    """The verdict first and whole; frames only where the student's own code raised."""
+    ename = {StudentGone: "StudentProcessDied", CellTimeout: "CellTimeoutError"}.get(
+        type(exc), type(exc).__name__)
+    text = str(exc)
+    frames = list(getattr(exc, "student_traceback", []) or [])
+    lines = ["Traceback (the student's code, most recent call last):\n", *frames] if frames else []
+    return new_output("error", ename=ename, evalue=text, traceback=[*lines, f"{ename}: {text}"])
