@@ -14,13 +14,19 @@ __all__ = ["configure", "load_config"]
 
 
 def configure(c) -> None:
-    """Swap nbgrader's Execute for JudgedExecute (the kernel sandboxed, the test cells judged
-    outside it) in the autograde pipeline of config `c`."""
+    """In the autograde pipeline of config `c`: JudgedExecute instead of nbgrader's Execute (the
+    kernel sandboxed, the test cells judged outside it), and FlagReach after SaveAutoGrades."""
     from nbgrader.converters import Autograde
-    from nbgrader.preprocessors import Execute
+    from nbgrader.preprocessors import Execute, SaveAutoGrades
+    from .preprocessors.flag_reach import FlagReach
     from .preprocessors.judged_execute import JudgedExecute
     current = c.Autograde.get("autograde_preprocessors") or Autograde.autograde_preprocessors.default()
-    c.Autograde.autograde_preprocessors = [JudgedExecute if p is Execute else p for p in current]
+    pipeline = []
+    for p in current:
+        pipeline.append(JudgedExecute if p is Execute else p)
+        if p is SaveAutoGrades:
+            pipeline.append(FlagReach)
+    c.Autograde.autograde_preprocessors = pipeline
 
 
 def load_config(root: str):

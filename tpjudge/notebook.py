@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import io
+import re
 import warnings
 
 from nbformat.v4 import new_output
@@ -37,6 +38,18 @@ class _StudentNames(dict):
         raise KeyError(name)
 
 
+_CHECK_IMPORT = re.compile(r"^\s*(?:import|from)\s+(tpgrade(?:\.\w+)*)", re.M)
+
+
+def harness_modules(nb) -> list[str]:
+    """The check modules the test cells import (their rank functions may run in the student's
+    process), and the rank runner when any of them is a torch one."""
+    names = {m for c in nb.cells if is_test(c) for m in _CHECK_IMPORT.findall(c.source)}
+    if any(n.startswith("tpgrade.torch") for n in names):
+        names.add("tpgrade.torch_ranks")
+    return sorted(names)
+
+
 def judge(nb, start_student) -> dict[int, list]:
     """{index of each test cell: its outputs}. `start_student()` -> a started Student."""
     if not any(is_test(c) for c in nb.cells):
@@ -44,6 +57,8 @@ def judge(nb, start_student) -> dict[int, list]:
     student = start_student()
     verdicts = {}
     try:
+        with student.cell_limit("start-up"):
+            student.preload(harness_modules(nb))
         for index, cell in enumerate(nb.cells):
             if is_test(cell):
                 verdicts[index] = run_test(student, cell.source, grade_id(cell) or f"cell-{index}")

@@ -80,6 +80,12 @@ class Student:
         reply = self._exchange({"op": "exec", "name": name, "code": code})
         return reply.get("error") if reply["op"] == "raised" else None
 
+    def preload(self, modules) -> None:
+        """Import the course's modules in the student's process before any student code."""
+        reply = self._exchange({"op": "preload", "modules": list(modules)})
+        if reply["op"] == "raised":
+            raise rebuild(reply["error"])
+
     def lookup(self, name: str):
         """('missing' | 'callable' | 'value', the value) for a name of the student's program."""
         reply = self._exchange({"op": "lookup", "name": name})

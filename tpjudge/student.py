@@ -105,6 +105,7 @@ class Runner:
         self.module.__dict__["__builtins__"] = builtins
         sys.modules["__main__"] = self.module        # pickling by reference, `__name__` checks
         channel.opaque = _tensor
+        self.harness = Harness()
 
     # -- what the judge asks ----------------------------------------------------------------
     def serve(self) -> None:
@@ -128,6 +129,10 @@ class Runner:
                 return {"op": "done"}
             if op == "lookup":
                 return self._lookup(request["name"])
+            if op == "preload":
+                for name in request["modules"]:
+                    self.harness.preload(name)
+                return {"op": "done"}
             if op == "call":
                 return self._call(request)
             return {"op": "raised", "error": describe(ValueError(f"unknown request {op!r}"))}
@@ -176,7 +181,7 @@ class Runner:
                 raise NameError(f"name {obj.name!r} is not defined")
             return self.module.__dict__[obj.name]
         if isinstance(obj, wire.Harness):
-            return _harness(obj.path)
+            return self.harness.resolve(obj.path)
 
         def callback(*args, **kwargs):
             return self.request({"op": "callback", "number": obj.number, "args": list(args),
@@ -192,14 +197,29 @@ class Runner:
         return collective
 
 
-def _harness(path):
-    module, _, qualname = str(path).partition(":")
-    if not module.startswith(HARNESS):
-        raise wire.ProtocolError(f"{module} is not a course package")
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+class Harness:
+    """The course's own functions the judge names (the rank functions of tpgrade.torch_checks,
+    tpgrade.torch_ranks.run_on_ranks), as they were before any student code ran: the modules
+    are imported when the judge asks (before the given cells) and their contents kept, so a
+    module planted in sys.modules later, or a name rebound in it, does not change what runs."""
+
+    def __init__(self):
+        self.modules: dict[str, dict] = {}
+
+    def preload(self, name: str) -> None:
+        if not name.startswith(HARNESS):
+            raise ValueError(f"{name} is not a course package")
+        self.modules[name] = dict(vars(importlib.import_module(name)))
+
+    def resolve(self, path: str):
+        module, _, qualname = str(path).partition(":")
+        if module not in self.modules:
+            self.preload(module)
+        first, *rest = qualname.split(".")
+        obj = self.modules[module][first]
+        for part in rest:
+            obj = getattr(obj, part)
+        return obj
 
 
 def _tensor(obj, encoder):
