@@ -50,7 +50,7 @@ def points(cell) -> float:
     return float(meta(cell).get("points", 0))
 
 
-def test_cells(nb) -> dict[str, float]:
+def graded_tests(nb) -> dict[str, float]:
     """{grade_id: points} of the autograded test cells, in notebook order."""
     return {grade_id(c): points(c) for c in nb.cells if is_test(c)}
 

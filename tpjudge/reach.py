@@ -20,7 +20,7 @@ _MODULES = {
     "tpgrade": "the course's checks", "tpjudge": "the judge", "tpgrader": "the grader",
     "tpsandbox": "the sandbox", "gpu_runner": "the GPU grader", "tpcourse": "instructor tooling",
     "nbgrader": "the grading tool", "builtins": "the built-in functions", "gc": "the garbage "
-    "collector (reaching other objects)", "ctypes": "raw memory access", "inspect": "frames and "
+    "collector, which reaches every object", "ctypes": "raw memory access", "inspect": "frames and "
     "source of other code", "importlib": "the import machinery", "IPython": "the notebook shell",
     "ipykernel": "the notebook kernel", "socket": "the network", "signal": "signals",
     "pickle": "pickled objects", "marshal": "code objects", "dis": "bytecode",
@@ -50,6 +50,11 @@ _NAMES = {
     "eval": "running code built at run time", "compile": "compiling code at run time",
     "TorchDispatchMode": "torch's dispatch hooks", "TorchFunctionMode": "torch's function hooks",
 }
+# an array type with its own arithmetic or comparisons can tell a check anything
+_ARRAY_BASES = {"np.ndarray", "numpy.ndarray", "ndarray", "torch.Tensor", "Tensor"}
+_LYING_METHODS = {"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__sub__",
+                  "__rsub__", "__abs__", "__bool__", "__array_ufunc__", "__array_function__",
+                  "__torch_function__", "__torch_dispatch__", "astype", "all", "any"}
 # modules whose attributes a solution has no business replacing
 _LIBRARIES = {"np", "numpy", "torch", "dist", "F", "nn", "tpsim", "math", "sys", "os"}
 _PATH_WORDS = ("gradebook", "nbgrader", ".ipynb", "source/", "autograded", "submitted/")
@@ -90,6 +95,15 @@ def _findings(node):
     elif isinstance(node, ast.Call) and _callee(node) in ("setattr", "delattr") and node.args:
         if _base_name(node.args[0]) in _LIBRARIES:
             yield f"replaces an attribute of {ast.unparse(node.args[0])} (setattr)"
+    elif isinstance(node, ast.ClassDef) and any(ast.unparse(b) in _ARRAY_BASES for b in node.bases):
+        own = sorted({item.name for item in node.body
+                      if isinstance(item, ast.FunctionDef) and item.name in _LYING_METHODS}
+                     | {t.id for item in node.body if isinstance(item, ast.Assign)
+                        for t in item.targets if isinstance(t, ast.Name)
+                        and t.id in _LYING_METHODS})
+        if own:
+            yield f"an array type with its own {', '.join(own)} (it can answer a check's " \
+                  f"comparisons as it likes)"
     elif isinstance(node, ast.Constant) and isinstance(node.value, str):
         word = next((w for w in _PATH_WORDS if w in node.value), None)
         if word:

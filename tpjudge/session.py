@@ -243,20 +243,22 @@ def _remote_ref(obj, encoder):
     return ["r", obj.__name__] if isinstance(obj, StudentObject) else None
 
 
-def _copy_back(sent, returned) -> None:
-    """Arrays the student's code changed in place: change ours the same way."""
-    if not isinstance(returned, list):
+def _copy_back(sent, returned, depth=0) -> None:
+    """Arrays the student's code changed in place (also inside lists, as a list of per-rank
+    shards): change ours the same way, so a check sees what the student's code did."""
+    if not isinstance(returned, (list, tuple)) or depth > wire.MAX_DEPTH:
         return
     for mine, theirs in zip(sent, returned):
-        if not (isinstance(mine, np.ndarray) and isinstance(theirs, np.ndarray)
+        if type(mine) in (list, tuple):
+            _copy_back(mine, theirs, depth + 1)
+        elif (isinstance(mine, np.ndarray) and isinstance(theirs, np.ndarray)
                 and mine.flags.writeable and mine.dtype == theirs.dtype
                 and mine.size == theirs.size):
-            continue
-        if mine.shape != theirs.shape:     # `x.shape = ...` inside the student's function
-            with contextlib.suppress(AttributeError, ValueError):
-                mine.shape = theirs.shape
-        if mine.shape == theirs.shape:
-            np.copyto(mine, theirs)
+            if mine.shape != theirs.shape:     # `x.shape = ...` inside the student's function
+                with contextlib.suppress(AttributeError, ValueError):
+                    mine.shape = theirs.shape
+            if mine.shape == theirs.shape:
+                np.copyto(mine, theirs)
 
 
 def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanup=None) -> Student:
