@@ -18,6 +18,7 @@ import tpsim
 from tpcourse import REPO
 from tpcourse.examples import sequence_students as catalogue
 from tpgrade import offline
+from tpgrade.compare import CheckFailed
 
 ASSIGNMENT = "tp_sequence"
 
@@ -146,3 +147,20 @@ def test_checks_pass_the_student_only_data(ns, module):
         seen = []
         check(*[_data_only(ns[p], seen) for p in params])
         assert seen, f"{name} never called {params}"
+
+
+@pytest.mark.parametrize("module", [tpgrade.sequence, tpgrade.vocab])
+def test_check_modules_are_read_only_and_imported_with_tpgrade(module):
+    with pytest.raises(AttributeError, match="read-only"):
+        module.sp_small = lambda f: None
+    assert module.__name__.rsplit(".", 1)[1] in tpgrade.__all__
+
+
+def test_a_rebound_numpy_log_does_not_change_the_loss_verdict(monkeypatch):
+    def max_minus_target(logit_shards, target):      # the loss without its log-sum-exp
+        z = np.concatenate(logit_shards, axis=-1)
+        return z.max(-1) - np.take_along_axis(z, target[..., None], -1)[..., 0]
+
+    monkeypatch.setattr(np, "log", lambda a: a * 0)   # makes that answer "right" for np.log
+    with pytest.raises(CheckFailed, match="values differ from the dense result"):
+        tpgrade.vocab.ce_small(max_minus_target)
