@@ -10,6 +10,7 @@ demo_output/grades.csv and the feedback HTML under demo_output/course/feedback/.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import shutil
 import subprocess
@@ -22,10 +23,13 @@ from .cycle import Course
 from .cycle import ensure_tools_on_path
 from .submissions import Submission, build
 
-NUMPY_ASSIGNMENTS = ("tp_linear", "tp_mlp")
+NUMPY_ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence")
+# The example students of the numpy assignments: modules of tpcourse.examples.
+CATALOGUES = ("numpy_students", "sequence_students")
 OUTPUT = REPO / "demo_output"
 # Which catalogue mistakes the demo shows (one correct student and the crashing one are added).
-DEMO_MISTAKES = ("local_shard", "bias_every_rank", "float32_upcast", "mlp_two_all_reduces")
+DEMO_MISTAKES = ("local_shard", "bias_every_rank", "float32_upcast", "mlp_two_all_reduces",
+                 "ce_gathers_logits")
 
 
 # -- the catalogue ------------------------------------------------------------------------------
@@ -39,9 +43,14 @@ def as_list(entries) -> list[Submission]:
 
 
 def catalogue():
-    """(reference, unmodified, students) from tpcourse.examples.numpy_students."""
-    from .examples import numpy_students as cat
-    return as_list(cat.REFERENCE), as_list(cat.UNMODIFIED), as_list(cat.STUDENTS)
+    """(reference, unmodified, students) from every module of CATALOGUES."""
+    reference, unmodified, students = [], [], []
+    for name in CATALOGUES:
+        cat = importlib.import_module(f"{__package__}.examples.{name}")
+        reference += as_list(cat.REFERENCE)
+        unmodified += as_list(cat.UNMODIFIED)
+        students += as_list(cat.STUDENTS)
+    return reference, unmodified, students
 
 
 def is_looping(sub: Submission) -> bool:

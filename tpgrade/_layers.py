@@ -16,12 +16,24 @@ def describe(fname, p, **arrays):
     return f"{fname}({', '.join(parts)}, num_ranks={p})"
 
 
-def call(f, name, args, kwargs=None):
+def copied(value):
+    """`value` with its arrays copied, also those in a list or tuple (one array per rank)."""
+    if isinstance(value, T.ndarray):
+        return value.copy()
+    if isinstance(value, (list, tuple)):
+        return type(value)(copied(v) for v in value)
+    return value
+
+
+def call_raw(f, args, kwargs=None):
     """Run the student's function on copies of the arrays (so the expected values, computed
-    from the originals, cannot be disturbed); the output must be an ndarray."""
-    args = [a.copy() if isinstance(a, T.ndarray) else a for a in args]
-    kwargs = {k: v.copy() if isinstance(v, T.ndarray) else v for k, v in (kwargs or {}).items()}
-    return expect_array(f(*args, **kwargs), name)
+    from the originals, cannot be disturbed); return what it returned, unchecked."""
+    return f(*[copied(a) for a in args], **{k: copied(v) for k, v in (kwargs or {}).items()})
+
+
+def call(f, name, args, kwargs=None):
+    """call_raw, and the output must be an ndarray."""
+    return expect_array(call_raw(f, args, kwargs), name)
 
 
 def expect_output(got, want, scale, dtype, name, shape_hints=(), explanations=()):
@@ -67,12 +79,23 @@ def expect_pieces(call_, expected, scales, dtype, name, what, alternatives=None)
              f"contributes its own {what} (a result computed densely and passed as one piece, "
              f"or padded with zeros, is not tensor parallelism)")
     for r, (piece, want) in enumerate(zip(call_.inputs, expected)):
-        options = [want] + ([alternatives[r]] if alternatives else [])
-        if not any(_same_numbers(piece, w, scales[r], dtype) for w in options):
+        if not _piece_matches(piece, r, expected, scales, dtype, alternatives):
             fail(f"{name}: rank {r}'s input to {call_.op} (shape {piece.shape}) is not its "
                  f"{what} (expected shape {want.shape}): each rank must pass exactly what it "
                  f"computed from its own shard (a dense result, or zeros, passed through the "
                  f"collective is not tensor parallelism)")
+
+
+def pieces_match(call_, expected, scales, dtype, alternatives=None):
+    """Whether a recorded collective's per-rank inputs are `expected` (as expect_pieces)."""
+    return len(call_.inputs) == len(expected) and all(
+        _piece_matches(piece, r, expected, scales, dtype, alternatives)
+        for r, piece in enumerate(call_.inputs))
+
+
+def _piece_matches(piece, r, expected, scales, dtype, alternatives):
+    options = [expected[r]] + ([alternatives[r]] if alternatives else [])
+    return any(_same_numbers(piece, w, scales[r], dtype) for w in options)
 
 
 def _same_numbers(piece, want, scale, dtype):
@@ -84,13 +107,27 @@ def _same_numbers(piece, want, scale, dtype):
 
 
 def expect_inputs_unchanged(f, name, args, kwargs, labels):
-    """Call f and compare every array argument with a copy taken before the call."""
+    """Call f and compare every array argument (also the arrays in a list argument) with a
+    copy taken before the call."""
     arrays = list(args) + list(kwargs.values())
-    before = [a.copy() if isinstance(a, T.ndarray) else None for a in arrays]
+    before = [copied(a) for a in arrays]
     f(*args, **kwargs)
     for label, old, new in zip(labels, before, arrays):
-        if old is not None:
-            expect_unchanged(old, new, label, name)
+        _expect_same(old, new, label, name)
+
+
+def _expect_same(old, new, label, name):
+    if isinstance(old, T.ndarray):
+        if not isinstance(new, T.ndarray):
+            fail(f"{name} replaced its input {label} by a {type(new).__name__}; inputs must be "
+                 f"left as they were")
+        expect_unchanged(old, new, label, name)
+    elif isinstance(old, (list, tuple)):
+        if len(new) != len(old):
+            fail(f"{name} changed the length of its input list {label} ({len(old)} -> "
+                 f"{len(new)}); inputs must be left as they were")
+        for i, (a, b) in enumerate(zip(old, new)):
+            _expect_same(a, b, f"{label}[{i}]", name)
 
 
 def expect_bad_args(f, fname, cases):
@@ -103,6 +140,6 @@ def with_dtype(got, want_dtype, name):
     expect_dtype(got, want_dtype, name)
 
 
-__all__ = ["RANKS", "call", "count", "describe", "expect_bad_args", "expect_counts",
-           "expect_inputs_unchanged", "expect_output", "expect_pieces", "last_call", "record",
-           "with_dtype"]
+__all__ = ["RANKS", "call", "call_raw", "copied", "count", "describe", "expect_bad_args",
+           "expect_counts", "expect_inputs_unchanged", "expect_output", "expect_pieces",
+           "last_call", "pieces_match", "record", "with_dtype"]

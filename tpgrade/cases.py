@@ -45,3 +45,18 @@ def linear(x, W, b=None):
 
 def relu(h):
     return T.maximum(h, 0)
+
+
+def mlp(x, W1, W2, b1=None, b2=None, activation=relu, x_scale=None):
+    """activation(x @ W1.T + b1) @ W2.T + b2 in float64, its error scale, and the hidden
+    pre-activation. x_scale: the error scale of x itself, when x was computed (default |x|);
+    an activation with slope <= 1 (relu, tanh, abs) keeps the scale of its input."""
+    x, W1, W2, b1, b2 = f64(x), f64(W1), f64(W2), f64(b1), f64(b2)
+    h = x @ W1.T
+    h_scale = (abs(x) if x_scale is None else x_scale) @ abs(W1).T
+    if b1 is not None:
+        h, h_scale = h + b1, h_scale + abs(b1)
+    y, scale = activation(h) @ W2.T, h_scale @ abs(W2).T
+    if b2 is not None:
+        y, scale = y + b2, scale + abs(b2)
+    return y, scale, h

@@ -8,24 +8,12 @@ from ._layers import (RANKS, call, describe, expect_bad_args, expect_counts,
                       expect_inputs_unchanged, expect_output, expect_pieces, last_call, record,
                       with_dtype)
 from .cases import arrays, balanced, f64, relu
+from .cases import mlp as _dense
 from .compare import fail, is_close
 
 
 def _abs(h):
     return abs(h)
-
-
-def _dense(x, W1, W2, b1=None, b2=None, activation=relu):
-    """activation(x @ W1.T + b1) @ W2.T + b2 in float64, and its error scale."""
-    x, W1, W2, b1, b2 = f64(x), f64(W1), f64(W2), f64(b1), f64(b2)
-    h = x @ W1.T
-    h_scale = abs(x) @ abs(W1).T
-    if b1 is not None:
-        h, h_scale = h + b1, h_scale + abs(b1)
-    y, scale = activation(h) @ W2.T, h_scale @ abs(W2).T
-    if b2 is not None:
-        y, scale = y + b2, scale + abs(b2)
-    return y, scale, h
 
 
 def _kwargs(b1, b2, activation):
