@@ -144,3 +144,28 @@ def test_sync_check_catches_an_edited_notebook(regenerated):
     edited["cells"][-1]["source"] = _text(edited["cells"][-1]["source"]) + " "
     with pytest.raises(AssertionError, match="differs in source"):
         _assert_same_notebook(fresh, edited, name, "")
+
+
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_the_release_states_everything_a_test_calls(assignment):
+    """A student who follows the released text can earn every point: each name a test cell
+    calls (hidden tests too) is defined or stubbed in the release, with the source's signature."""
+    from tpcourse.release import unstated
+    for path in sorted((REPO / "source" / assignment).glob("*.ipynb")):
+        released = read(REPO / "release" / assignment / path.name)
+        assert unstated(read(path), released) == [], f"{assignment}/{path.name}"
+
+
+def test_a_missing_or_changed_signature_is_caught():
+    from tpcourse.release import unstated
+    source = read(REPO / "source" / "tp_mlp" / "tp_mlp.ipynb")
+    released = read(REPO / "release" / "tp_mlp" / "tp_mlp.ipynb")
+    [cell] = [c for c in released.cells if _gid(c) == "sol_comm_counts"]
+    text = cell.source
+    cell.source = text.replace("bytes_per_elem=2)", "bytes_per_elem=4)")
+    assert unstated(source, released) == [
+        "ring_allreduce_bytes: the release says (num_elements, num_ranks, bytes_per_elem=4), "
+        "the source (num_elements, num_ranks, bytes_per_elem=2)"]
+    cell.source = "# YOUR CODE HERE\nraise NotImplementedError()"   # the old, swallowed cell
+    assert {p.split(":")[0] for p in unstated(source, released)} == {
+        "allreduces_per_layer", "ring_allreduce_bytes", "layer_allreduce_bytes"}

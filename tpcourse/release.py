@@ -10,10 +10,14 @@ tests/test_release.py can regenerate into a temporary folder and compare.
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from tpjudge.cells import is_given, is_solution, is_test, strip_markers, without_magics
 
 from . import REPO
 from .cycle import Course
@@ -62,6 +66,64 @@ def stale_assignments(repo: Path | None = None) -> list[str]:
         return []
     wanted = set(source_assignments(repo))
     return sorted(p.name for p in release.iterdir() if p.is_dir() and p.name not in wanted)
+
+
+def unstated(source_nb, release_nb) -> list[str]:
+    """What a student who follows the release cannot know: a name the source's test cells call
+    (hidden tests included) that no released cell defines, and a function or method the
+    release defines with another signature than the source's. [] when the release states all."""
+    released = _definitions(release_nb, lambda cell: cell.source)
+    source = _definitions(source_nb, lambda cell: strip_markers(cell.source))
+    problems = [f"{name}: called by a test cell, defined by no cell of the release"
+                for name in sorted(_called_by_tests(source_nb)) if name not in released]
+    problems += [f"{name}: the release says ({released[name]}), the source ({signature})"
+                 for name, signature in sorted(source.items())
+                 if name in released and released[name] != signature]
+    return problems
+
+
+def _definitions(nb, code_of) -> dict[str, str | None]:
+    """{name: signature} of what the notebook's given and solution cells define at top level
+    (classes' methods as Class.method; names bound otherwise: None)."""
+    found = {}
+    for cell in nb.cells:
+        if not (cell.cell_type == "code" and (is_given(cell) or is_solution(cell))):
+            continue
+        try:
+            tree = ast.parse(without_magics(code_of(cell)))
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found[node.name] = ast.unparse(node.args)
+            elif isinstance(node, ast.ClassDef):
+                found[node.name] = None
+                found.update({f"{node.name}.{item.name}": ast.unparse(item.args)
+                              for item in node.body if isinstance(item, ast.FunctionDef)})
+            else:
+                found.update({name: None for name in _bound(node)})
+    return found
+
+
+def _bound(node):
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(a.asname or a.name).split(".")[0] for a in node.names]
+    targets = node.targets if isinstance(node, ast.Assign) else \
+        [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+    return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+
+
+def _called_by_tests(nb) -> set[str]:
+    """Names the test cells read without binding them (the student's functions)."""
+    called = set()
+    for cell in nb.cells:
+        if is_test(cell):
+            tree = ast.parse(without_magics(cell.source))
+            loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                     and isinstance(n.ctx, ast.Load)}
+            bound = {name for node in ast.walk(tree) for name in _bound(node)}
+            called |= loads - bound - set(dir(builtins))
+    return called
 
 
 def _is_volatile(path: Path) -> bool:
