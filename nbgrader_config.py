@@ -18,11 +18,15 @@ c.Execute.interrupt_on_timeout = True
 # What students see in place of a solution.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 
-# Student code runs sandboxed (tpsandbox: bubblewrap namespaces, an unprivileged uid,
-# resource limits, no view of source/, the gradebook or other students), also under a plain
-# `nbgrader autograde`. Grading refuses if bubblewrap is missing: run `.ci/setup-system.sh`
-# (as root), or opt out explicitly (unsafe) with c.Sandbox.enabled = False.
-# Limits: c.Sandbox.memory_mb, cpu_seconds, max_processes, ... (tpsandbox/settings.py).
+# Student code runs sandboxed (tpsandbox: bubblewrap namespaces, an unprivileged uid, resource
+# limits, no view of source/, the gradebook or other students), also under a plain
+# `nbgrader autograde`, and every test cell is decided by the judge (tpjudge): in nbgrader's own
+# process, against the student's functions running in a sandboxed process of their own, so no
+# code in a solution cell can reach a verdict. Solution cells that try are flagged for review
+# in the gradebook. Grading refuses if bubblewrap is missing: run `.ci/setup-system.sh` (as
+# root), or opt out explicitly (unsafe) with c.Sandbox.enabled = False.
+# Limits: c.Sandbox.memory_mb, cpu_seconds, max_processes, ... (tpsandbox/settings.py);
+# the judge: c.Judge.timeout, interrupt_grace, max_message_mb, ... (tpjudge/settings.py).
 from tpgrader import configure  # noqa: E402
 
 configure(c)

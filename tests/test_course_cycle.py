@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import re
 
+import nbformat
+
 import pytest
 
 from tpcourse.demo import catalogue, failed, gradebook_scores, is_looping
@@ -170,3 +172,21 @@ def test_export_has_a_row_per_submission_with_its_total(graded):
         assert float(row["raw_score"]) == pytest.approx(sum(s for s, _ in grades.values()))
         assert float(row["max_score"]) == pytest.approx(sum(m for _, m in grades.values()))
         assert float(row["max_score"]) >= sum(graded["tests"][assignment].values())
+
+
+def test_nbgrader_validate_still_runs_the_visible_tests_in_the_students_kernel(graded, tmp_path):
+    """The judge changes grading only: a student's own Validate runs the visible checks in
+    their notebook, with the checks' messages."""
+    course = graded["course"]
+    source, release = course.root / "source", course.root / "release"
+    said = {}
+    for sub in (REFERENCE[0], next(s for s in WRONG if s.student == "local_shard")):
+        folder = tmp_path / sub.student
+        folder.mkdir()
+        [(name, nb)] = [(n, nb) for n, nb in build(sub, source, release).items()]
+        nbformat.write(nb, str(folder / name))
+        proc = course.nbgrader("validate", folder / name, cwd=folder, check=False)
+        said[sub.student] = proc.stdout + proc.stderr
+    assert "Success! Your notebook passes all the tests." in said[REFERENCE[0].student]
+    assert "VALIDATION FAILED" in said["local_shard"]
+    assert "only the local shard was returned?" in said["local_shard"]

@@ -1,6 +1,10 @@
 """Hostile and broken submissions, graded together with ordinary students in one class run
 (issue 4): each hostile student loses exactly the affected points with the reason in its
-feedback, every other student gets the grade they get alone, and the batch completes."""
+feedback, every other student gets the grade they get alone, and the batch completes.
+
+The forgers (tpcourse.examples.forgers: in-process attacks on the checks, each with a wrong
+answer) are in the same run, through the sandboxed judge: each loses exactly what its wrong
+answer loses, and is flagged in the gradebook, the feedback and the class table."""
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +13,12 @@ import socket
 import pytest
 
 from tpgrader.classgrade import ClassGrader
+from tpgrader.classgrade.summary import table
+from tpcourse.examples import forgers as F
 from tpcourse.examples import hostile_students as H
 from tpcourse.examples import numpy_students as N
+from tpjudge import local, reach
+from tpjudge.cells import read, reference_answers
 from tpsandbox import problem
 from tpcourse.submissions import build
 
@@ -21,6 +29,7 @@ pytestmark = [pytest.mark.nbgrader,
 CONFIG = "from tpgrader import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
 ORDINARY = [s for s in N.ALL if s.assignment == H.ASSIGNMENT and s.student in
             ("reference", "local_shard", "bias_every_rank", "alt_einsum")]
+FORGERS = [f for f in F.FORGERS if f.assignment == H.ASSIGNMENT]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +40,9 @@ def batch(make_course):
         course.place_submission(h.student, H.ASSIGNMENT, H.notebooks(h))
     for sub in ORDINARY:
         course.place_submission(sub.student, H.ASSIGNMENT, build(sub))
+    reference = reference_answers(read(course.root / "source" / H.ASSIGNMENT / "tp_linear.ipynb"))
+    for f in FORGERS:
+        course.place_submission(f.student, H.ASSIGNMENT, build(F.submission(f, reference)))
     with _listening_on_loopback(H.GRADER_PORT):   # what h_network must not reach
         outcomes = ClassGrader(course.root, H.ASSIGNMENT, progress=False).run()
     return course, {o.student: o for o in outcomes}
@@ -85,3 +97,26 @@ def test_no_hostile_student_reached_the_gradebook_or_the_hidden_tests(batch):
             assert all((g.score or 0) <= g.max_score for nb in sub.notebooks for g in nb.grades)
     html = "".join(course.feedback_html(H.ASSIGNMENT, "h_read_source").values())
     assert html.count("blocked: [Errno 2]") == 2 and "BEGIN SOLUTION" not in html
+
+
+@pytest.mark.parametrize("f", FORGERS, ids=lambda f: f.student)
+def test_forger_loses_what_its_wrong_answer_loses_and_is_flagged(batch, f):
+    course, outcomes = batch
+    source = read(course.root / "source" / H.ASSIGNMENT / "tp_linear.ipynb")
+    control = F.submission(f, reference_answers(source), control=True)
+    wrong_answer = set(local.judge_answers(source, control.answers[H.ASSIGNMENT]).failed)
+    [(nb, grades)] = course.scores(H.ASSIGNMENT, f.student).items()
+    assert {g for g, (score, top) in grades.items() if score < top} == wrong_answer, f.why
+    assert outcomes[f.student].flagged == [f.cell]
+    html = "".join(course.feedback_html(H.ASSIGNMENT, f.student).values())
+    assert reach.PREFIX in html
+
+
+def test_only_the_forgers_and_the_reaching_hostile_students_are_flagged(batch):
+    _, outcomes = batch
+    flagged = {s for s, o in outcomes.items() if o.flagged}
+    assert {f.student for f in FORGERS} <= flagged
+    assert not flagged & {s.student for s in ORDINARY}
+    assert flagged - {f.student for f in FORGERS} == {
+        h.student for h in H.HOSTILE if reach.scan(h.attack)}
+    assert f"{len(flagged)} flagged for review" in table(list(outcomes.values()))

@@ -54,6 +54,8 @@ def test_every_numpy_student_gets_the_verdicts_it_got_in_its_own_process(sub):
 
 
 # -- forgers --------------------------------------------------------------------------------------
+# tp_linear's forgers are graded for real in test_hostile (nbgrader, sandboxed judge); here, the
+# tp_torch ones under the judge, and every attack in the student's own process.
 _IN_PROCESS = r'''
 import json, sys, nbformat
 from tpgrade import offline
@@ -61,36 +63,41 @@ print(json.dumps(sorted(offline.run(nbformat.reads(sys.stdin.read(), as_version=
 '''
 
 
-def _forger_notebooks(f):
-    reference = reference_answers(SOURCES[f.assignment])
-    attack, control = (F.submission(f, reference, control=c) for c in (False, True))
-    return [local.with_answers(SOURCES[f.assignment], _answers(s)) for s in (attack, control)]
+def _forger_notebook(f, control=False):
+    answers = _answers(F.submission(f, reference_answers(SOURCES[f.assignment]), control))
+    return local.with_answers(SOURCES[f.assignment], answers)
 
 
 @pytest.fixture(scope="module")
-def judged_forgers():
-    """{forger: (lost with the attack, lost by the wrong answer alone)} under the judge."""
-    return {f.student: tuple(set(local.judge(nb, timeout=60).failed) for nb in _forger_notebooks(f))
-            for f in F.FORGERS}
+def wrong_answers():
+    """{forger: what its wrong answer alone loses under the judge} (one run per distinct one)."""
+    runs = {}
+    for f in F.FORGERS:
+        nb = _forger_notebook(f, control=True)
+        key = nbformat.writes(nb)
+        if key not in runs:
+            runs[key] = set(local.judge(nb, timeout=60).failed)
+        runs[f.student] = runs[key]
+    return runs
 
 
-@pytest.mark.parametrize("f", F.FORGERS, ids=lambda f: f.student)
-def test_a_forger_loses_exactly_what_its_wrong_answer_loses(judged_forgers, f):
-    with_attack, wrong_answer = judged_forgers[f.student]
-    assert wrong_answer, "the control must be a wrong answer"
-    assert with_attack == wrong_answer, f.why
+@pytest.mark.parametrize("f", F.TORCH_FORGERS, ids=lambda f: f.student)
+def test_a_torch_forger_loses_exactly_what_its_wrong_answer_loses(wrong_answers, f):
+    assert wrong_answers[f.student], "the control must be a wrong answer"
+    assert set(local.judge(_forger_notebook(f), timeout=60).failed) == \
+        wrong_answers[f.student], f.why
 
 
 @pytest.mark.parametrize("f", [f for f in F.FORGERS if not f.shell_only], ids=lambda f: f.student)
-def test_in_its_own_process_the_attack_wins_points(judged_forgers, f):
-    """The attacks are real: run as the kernel ran test cells (one process), each one turns some
-    of its wrong answer's lost tests into passes."""
-    attack_nb, _ = _forger_notebooks(f)
-    proc = subprocess.run([sys.executable, "-c", _IN_PROCESS], input=nbformat.writes(attack_nb),
+def test_in_its_own_process_the_attack_wins_points(wrong_answers, f):
+    """The attacks are real: run as the kernel ran test cells (one process; a fresh
+    interpreter, which the attack may wreck), each turns some of its wrong answer's lost tests
+    into passes."""
+    proc = subprocess.run([sys.executable, "-c", _IN_PROCESS],
+                          input=nbformat.writes(_forger_notebook(f)),
                           capture_output=True, text=True, timeout=300)
     lost_in_process = set(json.loads(proc.stdout.strip().splitlines()[-1]))
-    _, wrong_answer = judged_forgers[f.student]
-    assert lost_in_process < wrong_answer, f"{f.student}: the attack won nothing in-process"
+    assert lost_in_process < wrong_answers[f.student], f"{f.student} won nothing in-process"
 
 
 @pytest.mark.parametrize("f", F.FORGERS, ids=lambda f: f.student)

@@ -8,31 +8,19 @@ Test cells are short calls, e.g.::
 Each check raises an AssertionError whose message names the mistake ("expected shape (3, 6),
 got (3, 3): only the local shard was returned?") and prints nothing on success.
 
-Threat model (what the checks defend against, and what they do not)
---------------------------------------------------------------------
-The notebook imports tpgrade in a read-only setup cell, which nbgrader restores before
-autograding, so tpgrade is imported before any student code runs. Then:
+Where the checks run, and what that protects
+--------------------------------------------
+Under `nbgrader autograde` the test cells do not run in the student's kernel: the judge
+(tpjudge, plugged in by tpgrader) runs them in the grader's own process, where no student code
+ever runs, and calls the student's functions in a separate sandboxed process, getting back data
+only. That is what makes a grade trustworthy: nothing a solution cell does to this package, to
+numpy, to sys.modules, the import system, code objects, frames or the shell can reach a verdict.
 
-* numpy functions are captured at import (`tpgrade._trusted`), and the checks otherwise use
-  ndarray methods and operators. A solution cell that rebinds `np.allclose`,
-  `np.testing.assert_allclose`, `np.asarray`... cannot change a verdict.
-* tpsim's functions, their code objects and defaults, and its module state are captured at
-  import; every check first puts them back (`_harness.restore_tpsim`) and records collectives
-  through the genuine recorder. A notebook that replaces `tpsim.all_reduce`, or binds its own
-  `all_reduce = lambda parts: ...`, makes no genuine recorded call, so the counting and
-  per-rank-input checks fail; outputs are always compared with a float64 dense computation.
-* Checks never read the notebook's globals: test cells import the check module afresh
-  (`import tpgrade.linear as check`) and pass the student's function in.
-* The check modules are read-only (`check.column_small = lambda f: None` raises).
-* A shell that was told to swallow exceptions (`set_custom_exc`, a replaced `showtraceback`)
-  is reset at the start of every check, so a failing check still shows as an error.
-
-In-process grading cannot stop a determined attacker: code in a solution cell runs in the
-same interpreter and could patch tpgrade's own internals, Python builtins, `sys.modules`, or
-forge entries in tpsim's recorder while a check runs. The checks' source is also readable
-(it is installed with the course); only the hidden test *cells* are hidden. Isolation from
-OS-level attacks (reading other students' files, the gradebook) is the grading sandbox's job
-(issue 4), not this module's.
+In a student's own notebook (the visible tests, `nbgrader validate`) the checks run in-process,
+so a few defences remain for honest mistakes there: numpy functions are captured at import
+(`tpgrade._trusted`), tpsim is restored before every check (`_harness.restore_tpsim`), the check
+modules are read-only, and the shell's error reporting is reset. They raise the bar; they are
+not a security boundary (tests/test_judge_catalogue.py shows 14 attacks getting through them).
 """
 from . import _trusted  # noqa: F401  (first: capture numpy before anything else runs)
 from . import _harness, comm, compare, linear, mlp, sequence, vocab  # noqa: F401

@@ -46,7 +46,7 @@ def harness_modules(nb) -> list[str]:
     process), and the rank runner when any of them is a torch one."""
     names = {m for c in nb.cells if is_test(c) for m in _CHECK_IMPORT.findall(c.source)}
     if any(n.startswith("tpgrade.torch") for n in names):
-        names.add("tpgrade.torch_ranks")
+        names |= {"tpgrade.torch_ranks", "tpgrade._torch_trusted"}
     return sorted(names)
 
 

@@ -105,9 +105,11 @@ class Student:
 
     def run_on_ranks(self, fn, world_size, *args, **kwargs):
         """tpgrade.torch_ranks.run_on_ranks(fn, world_size, *args) in the student's process: the
-        ranks are forked there, in its sandbox; what they return comes back as data."""
-        from tpgrade import torch_ranks
-        return self.call(wire.Harness(torch_ranks.run_on_ranks),
+        ranks are forked there, in its sandbox; what they return comes back as data. First, as
+        the notebook's checks always did, torch.distributed's functions are put back as they
+        were before the student's code ran (tpgrade._torch_trusted.restore, captured then)."""
+        self.call(wire.Harness("tpgrade._torch_trusted:restore"))
+        return self.call(wire.Harness("tpgrade.torch_ranks:run_on_ranks"),
                          (wire.Harness(fn), world_size, *args), kwargs)
 
     def take_output(self) -> tuple[str, str]:

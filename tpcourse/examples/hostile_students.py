@@ -18,7 +18,8 @@ import copy
 import re
 from dataclasses import dataclass
 
-from tpcourse.submissions import Submission, build, is_solution, read, reference_answers
+from tpcourse.submissions import Submission, build, read, reference_answers
+from tpjudge.cells import is_test, meta
 
 ASSIGNMENT = "tp_linear"
 TARGET = "sol_column_parallel"
@@ -171,10 +172,9 @@ def notebooks(h: Hostile, source_dir=None, release_dir=None) -> dict:
     if h.tamper:
         for nb in nbs.values():
             for cell in nb.cells:
-                meta = cell.get("metadata", {}).get("nbgrader", {})
-                if meta.get("grade") and not is_solution(cell):
+                if is_test(cell):
                     cell.source = "pass  # tests? what tests?"
-                    meta["points"] = 100
+                    meta(cell)["points"] = 100
     return nbs
 
 

@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tpjudge import reach
+
 from . import gradebook as gbk
 from .. import load_config
 
@@ -26,6 +28,7 @@ class Outcome:
     status: str                     # graded | unchanged | error
     error: str = ""
     scores: dict = field(default_factory=dict)   # {notebook: {grade_id: (score, max)}}
+    flagged: list = field(default_factory=list)  # solution cells flagged for review (FlagReach)
 
 
 @dataclass
@@ -220,6 +223,8 @@ class ClassGrader:
                     continue
                 o.scores = {nb.name: {g.name: (g.score, g.max_score) for g in nb.grades}
                             for nb in sub.notebooks}
+                o.flagged = sorted(c.name for nb in sub.notebooks for c in nb.comments
+                                   if (c.auto_comment or "").startswith(reach.PREFIX))
 
 
 def _serve(*args):

@@ -16,15 +16,21 @@ def counts(outcome) -> tuple[float, float, int]:
 
 def table(outcomes) -> str:
     width = max([len("student")] + [len(o.student) for o in outcomes])
-    lines = [f"{'student':<{width}}  {'status':<9}  {'score':>13}  {'failed tests':>12}  error"]
+    lines = [f"{'student':<{width}}  {'status':<9}  {'score':>13}  {'failed tests':>12}  "
+             f"{'flagged':<7}  error"]
     for o in outcomes:
         score, top, failed = counts(o)
         shown = f"{score:g} / {top:g}" if o.scores else "-"
         err = o.error.splitlines()[0][:70] if o.error else ""
-        lines.append(f"{o.student:<{width}}  {o.status:<9}  {shown:>13}  {failed:>12}  {err}")
+        # cells whose code reaches for the grader: for the instructor to review (no points lost)
+        flag = f"{len(o.flagged)} cell" + ("s" if len(o.flagged) > 1 else "") if o.flagged else ""
+        lines.append(f"{o.student:<{width}}  {o.status:<9}  {shown:>13}  {failed:>12}  "
+                     f"{flag:<7}  {err}")
     graded = sum(o.status == "graded" for o in outcomes)
     same = sum(o.status == "unchanged" for o in outcomes)
     errors = sum(o.status == "error" for o in outcomes)
+    flagged = sum(bool(o.flagged) for o in outcomes)
     lines.append(f"{len(outcomes)} submissions: {graded} graded, {same} unchanged since the last "
-                 f"run, {errors} could not be graded")
+                 f"run, {errors} could not be graded, {flagged} flagged for review (their "
+                 f"cells' comments say why)")
     return "\n".join(lines)

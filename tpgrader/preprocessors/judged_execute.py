@@ -12,6 +12,7 @@ in a solution cell can then reach the checks).
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -73,11 +74,9 @@ class JudgedExecute(SandboxedExecute):
             remove_tree(base)
             os.close(lock)
         scratch = working_copy(workdir, base / "w", self.sandbox)
-        confine = None
-        if self.sandbox.enabled:
-            def confine(argv):
-                return wrap(argv, workdir=workdir, scratch=str(scratch),
-                            hidden=course_paths(self.config), config=self.config)
+        confine = functools.partial(wrap, workdir=workdir, scratch=str(scratch),
+                                    hidden=course_paths(self.config), config=self.config) \
+            if self.sandbox.enabled else None
         try:
             return session.start(workdir, self._settings(), wrap=confine, scratch=scratch,
                                  cleanup=cleanup)

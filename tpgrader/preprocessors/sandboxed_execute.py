@@ -12,6 +12,7 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from nbformat.notebooknode import NotebookNode
 from nbgrader.preprocessors import Execute
 
+from tpjudge.cells import grade_id
 from tpsandbox.kernel import SandboxKernelManager
 from tpsandbox.settings import Sandbox
 
@@ -52,7 +53,7 @@ class SandboxedExecute(Execute):
         try:
             super().preprocess_cell(cell, resources, index)
         except DeadKernelError:
-            self._dead_in = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id") or index
+            self._dead_in = grade_id(cell) or index
             self._dead_why = self._why_dead()
             cell.outputs.append(_error("KernelDied", f"the kernel died while running this cell "
                                        f"({self._dead_why})"))
@@ -77,7 +78,7 @@ class SandboxedExecute(Execute):
             run_sync(self.km.shutdown_kernel)(now=True)
         except Exception as err:  # the kernel is being discarded either way
             self.log.warning("killing an unresponsive kernel: %s", err)
-        self._dead_in = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id") or index
+        self._dead_in = grade_id(cell) or index
         self._dead_why = ("the kernel stopped responding after a timeout and was killed; "
                           f"each cell may run {self.timeout} s")
         cell.outputs.append(_error("KernelDied", self._dead_why))
