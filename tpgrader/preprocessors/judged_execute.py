@@ -1,10 +1,11 @@
 """nbgrader's Execute, with every test cell's verdict decided by the judge.
 
 The notebook runs in its sandboxed kernel as before (SandboxedExecute), so the feedback shows
-what the student's cells printed or raised, but with the test cells left out. Then the judge
-(tpjudge) runs the test cells in THIS process, where no student code runs, against the
-student's functions in a fresh sandboxed process of their own, and writes each test cell's
-outputs: what the student's code printed during it and the verdict. nbgrader's SaveAutoGrades
+what the student's cells printed or raised, but with the test cells left out. Meanwhile (on a
+thread of its own: it needs nothing from the kernel) the judge (tpjudge) runs the test cells in
+THIS process, where no student code runs, against the student's functions in a fresh sandboxed
+process of their own, and writes each test cell's outputs: what the student's code printed
+during it and the verdict. nbgrader's SaveAutoGrades
 scores those outputs as usual (an error or stderr output: no points).
 
 `c.Judge.enabled = False` runs the test cells in the kernel instead (for comparisons only: code
@@ -12,9 +13,12 @@ in a solution cell can then reach the checks).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tpjudge import notebook, session
 from tpjudge.cells import is_test
@@ -34,6 +38,7 @@ class JudgeUnavailable(RuntimeError):
 
 
 _tried: set = set()   # (sandboxed, uid) combinations whose trial process started
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
 
 
 class JudgedExecute(SandboxedExecute):
@@ -47,18 +52,30 @@ class JudgedExecute(SandboxedExecute):
     def preprocess(self, nb, resources=None, km=None):
         if not self.judge.enabled:
             return super().preprocess(nb, resources, km)
+        workdir = (resources or {}).get("metadata", {}).get("path") or os.getcwd()
+        # The judge needs nothing from the kernel: it runs alongside it, on its own copy.
+        judging = _POOL.submit(self._judge, copy.deepcopy(nb), workdir)
         tests = {i: cell.source for i, cell in enumerate(nb.cells) if is_test(cell)}
         for i in tests:
             nb.cells[i].source = PLACEHOLDER
+        start = time.perf_counter()
         try:
             nb, resources = super().preprocess(nb, resources, km)
         finally:
             for i, source in tests.items():
                 nb.cells[i].source = source
-        workdir = (resources or {}).get("metadata", {}).get("path") or os.getcwd()
-        for i, outputs in notebook.judge(nb, lambda: self._start(workdir)).items():
+            kernel = time.perf_counter() - start
+            verdicts, judged = judging.result()
+        for i, outputs in verdicts.items():
             nb.cells[i].outputs = outputs
+        self.log.info("kernel %.2f s, judge %.2f s alongside it (%d test cells)", kernel, judged,
+                      len(tests))
         return nb, resources
+
+    def _judge(self, nb, workdir):
+        start = time.perf_counter()
+        verdicts = notebook.judge(nb, lambda: self._start(workdir))
+        return verdicts, time.perf_counter() - start
 
     def _settings(self) -> Judge:
         settings = Judge(parent=self)
