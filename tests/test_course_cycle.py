@@ -12,14 +12,13 @@ import re
 
 import pytest
 
-from tpcourse.demo import as_list, failed, gradebook_scores, is_looping
-from tpcourse.examples import numpy_students as catalogue
+from tpcourse.demo import catalogue, failed, gradebook_scores, is_looping
 from tpcourse.submissions import build, grade_id, is_solution, read
 
-ASSIGNMENTS = ("tp_linear", "tp_mlp")
-REFERENCE = [s for s in as_list(catalogue.REFERENCE) if s.assignment in ASSIGNMENTS]
-UNMODIFIED = [s for s in as_list(catalogue.UNMODIFIED) if s.assignment in ASSIGNMENTS]
-STUDENTS = [s for s in as_list(catalogue.STUDENTS) if s.assignment in ASSIGNMENTS]
+ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_attention")
+# numpy_students (tp_linear, tp_mlp) and attention_students (tp_attention), as the demo reads them
+REFERENCE, UNMODIFIED, STUDENTS = ([s for s in subs if s.assignment in ASSIGNMENTS]
+                                   for subs in catalogue())
 WRONG = [s for s in STUDENTS if s.loses or s.loses_all]
 VALID = [s for s in STUDENTS if not (s.loses or s.loses_all)]
 LOOPING = [s for s in WRONG if is_looping(s)]

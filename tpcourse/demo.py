@@ -22,10 +22,11 @@ from .cycle import Course
 from .cycle import ensure_tools_on_path
 from .submissions import Submission, build
 
-NUMPY_ASSIGNMENTS = ("tp_linear", "tp_mlp")
+NUMPY_ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_attention")
 OUTPUT = REPO / "demo_output"
 # Which catalogue mistakes the demo shows (one correct student and the crashing one are added).
-DEMO_MISTAKES = ("local_shard", "bias_every_rank", "float32_upcast", "mlp_two_all_reduces")
+DEMO_MISTAKES = ("local_shard", "bias_every_rank", "float32_upcast", "mlp_two_all_reduces",
+                 "qkv_thirds", "output_bias_every_rank")
 
 
 # -- the catalogue ------------------------------------------------------------------------------
@@ -39,9 +40,12 @@ def as_list(entries) -> list[Submission]:
 
 
 def catalogue():
-    """(reference, unmodified, students) from tpcourse.examples.numpy_students."""
-    from .examples import numpy_students as cat
-    return as_list(cat.REFERENCE), as_list(cat.UNMODIFIED), as_list(cat.STUDENTS)
+    """(reference, unmodified, students) of the numpy assignments, from
+    tpcourse.examples.numpy_students and tpcourse.examples.attention_students."""
+    from .examples import attention_students, numpy_students
+    cats = (numpy_students, attention_students)
+    return tuple([s for cat in cats for s in as_list(getattr(cat, name))]
+                 for name in ("REFERENCE", "UNMODIFIED", "STUDENTS"))
 
 
 def is_looping(sub: Submission) -> bool:

@@ -35,9 +35,9 @@ OS-level attacks (reading other students' files, the gradebook) is the grading s
 (issue 4), not this module's.
 """
 from . import _trusted  # noqa: F401  (first: capture numpy before anything else runs)
-from . import _harness, comm, compare, linear, mlp  # noqa: F401
+from . import _harness, attention, comm, compare, cost, linear, mlp  # noqa: F401
 
-__all__ = ["comm", "compare", "linear", "mlp"]
+__all__ = ["attention", "comm", "compare", "cost", "linear", "mlp"]
 
 # Last: `tpgrade.linear = fake` in a solution cell would otherwise swap every check at once.
 _harness.make_read_only(__name__)

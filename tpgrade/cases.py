@@ -45,3 +45,14 @@ def linear(x, W, b=None):
 
 def relu(h):
     return T.maximum(h, 0)
+
+
+def kv_heads(num_heads, num_kv_heads, p):
+    """(start, stop) of the KV heads each rank holds: exactly those its query heads use.
+
+    Query head j reads KV head j // g, g = num_heads // num_kv_heads. Rank r holds query
+    heads balanced(num_heads, p)[r] = [a, z), so KV heads [a // g, ceil(z / g)); a rank
+    without query heads holds none. With num_kv_heads < p several ranks hold the same KV
+    head (vLLM's QKVParallelLinear replicates it there)."""
+    g = num_heads // num_kv_heads
+    return [(a // g, -(-z // g)) if z > a else (a // g, a // g) for a, z in balanced(num_heads, p)]
