@@ -75,6 +75,14 @@ def expect_pieces(call_, expected, scales, dtype, name, what, alternatives=None)
                  f"collective is not tensor parallelism)")
 
 
+def reduced(call_):
+    """What a recorded all-reduce left on every rank: the sum of its per-rank inputs (float64)."""
+    total = call_.inputs[0].astype(T.float64)
+    for piece in call_.inputs[1:]:
+        total = total + piece
+    return total
+
+
 def _same_numbers(piece, want, scale, dtype):
     if piece.size != want.size:
         return False
@@ -105,4 +113,4 @@ def with_dtype(got, want_dtype, name):
 
 __all__ = ["RANKS", "call", "count", "describe", "expect_bad_args", "expect_counts",
            "expect_inputs_unchanged", "expect_output", "expect_pieces", "last_call", "record",
-           "with_dtype"]
+           "reduced", "with_dtype"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 from . import _attention_dense as dense
 from . import _trusted as T
 from ._harness import check, make_read_only
-from ._layers import (call, describe, expect_bad_args, expect_counts, expect_inputs_unchanged,
-                      expect_output, expect_pieces, last_call, record, with_dtype)
+from ._layers import (call, expect_bad_args, expect_counts, expect_inputs_unchanged,
+                      expect_output, expect_pieces, last_call, record, reduced, with_dtype)
 from .cases import arrays, balanced, f64, kv_heads, relu
 from .compare import CheckFailed, expect_unchanged, fail, is_close
 
@@ -42,11 +42,10 @@ def _heads_mistakes(q, k, v, causal):
     """(output, explanation) for the classic mistakes in scaled dot-product attention."""
     q, k, v = f64(q), f64(k), f64(v)
     d = q.shape[-1]
-    raw = q @ k.swapaxes(-1, -2)
-    masked = dense.scores(q, k, causal)
-    found = [(_softmax_along(dense.scores(q, k, causal) * d ** -0.5, -1) @ v,
+    masked = dense.scores(q, k, causal)          # / sqrt(d), -inf above the diagonal if causal
+    found = [(dense.softmax(masked * d ** -0.5) @ v,
               "scores divided by head_dim instead of sqrt(head_dim)"),
-             (_softmax_along(dense.scores(q, k, causal) * d ** 0.5, -1) @ v,
+             (dense.softmax(masked * d ** 0.5) @ v,
               "scores not scaled: divide q @ k.T by sqrt(head_dim)"),
              (_softmax_along(masked, -2) @ v, "softmax over the queries axis: each query's "
               "weights are normalized over the keys (the last axis)")]
@@ -54,7 +53,7 @@ def _heads_mistakes(q, k, v, causal):
         found.append((_softmax_along(masked, -3) @ v, "softmax over the heads axis (the axis "
                       "tensor parallelism splits): each head normalizes over its own keys"))
     if causal:
-        plain = raw * d ** -0.5
+        plain = dense.scores(q, k, False)
         allowed = dense.causal_mask(q.shape[-2])
         found += [
             (dense.softmax(plain) @ v, "the causal mask is missing"),
@@ -62,7 +61,7 @@ def _heads_mistakes(q, k, v, causal):
              "mask the scores with -inf before it, so each row's weights sum to 1"),
             (dense.softmax(plain * allowed) @ v, "masked scores were set to 0, not -inf: "
              "exp(0) = 1 still gives the future keys weight"),
-            (_softmax_along(plain + _penalty(allowed.T), -1) @ v, "the mask hides the past "
+            (dense.softmax(plain + _penalty(allowed.T)) @ v, "the mask hides the past "
              "instead of the future: query i attends to keys j <= i"),
         ]
     return found
@@ -235,7 +234,7 @@ def _qkv_mistakes(W, H, G, d, p, r):
     q, k, v = _qkv_rows(W, H, G, d, p, r)
     (ka, kz), k0, v0 = balanced(G, p)[r], H * d, (H + G) * d
     return [
-        (W[a:z], "this is rank r's contiguous block of W_qkv's rows, ColumnParallelLinear's "
+        (W[a:z], f"this is rank {r}'s contiguous block of W_qkv's rows, ColumnParallelLinear's "
          "plain split: right for Megatron-LM's per-group layout [q_g; k_g; v_g], but W_qkv here "
          "is vLLM's [q; k; v] blocks, so a rank takes its heads' rows from each block"),
         (_stack([q, W[k0 + ka * d:k0 + kz * d], W[v0 + ka * d:v0 + kz * d]]),
@@ -455,10 +454,7 @@ def attention_bias_after_reduce(attention_tp):
         name, calls, partials = _recorded(attention_tp, prob, 6, 6, p)
         reduce = last_call(calls, "all_reduce", name)
         want, scale = dense.add_up(partials, partials[0][0].shape)
-        total = reduce.inputs[0].astype(T.float64)
-        for piece in reduce.inputs[1:]:
-            total = total + piece
-        if total.shape != want.shape or not is_close(total, want, scale, T.float64):
+        if not is_close(reduced(reduce), want, scale, T.float64):
             fail(f"{name}: the partials given to all_reduce do not add up to the attention "
                  f"output without bo: add bo once, after the all-reduce, never inside a "
                  f"partial (RowParallelLinear's bias)")
@@ -584,7 +580,6 @@ def _layer_case(layer_tp, seed, x_shape, H, G, d, ffn, p, causal=False, activati
     ref = dense.Layer.of(x, params, H, G, causal, 1e-5, activation or relu)
     expect_output(got, ref.y, ref.scale, T.float64, name, (),
                   _layer_mistakes(x, params, H, G, p, causal, activation, ref))
-    return x, params, ref
 
 
 def _layer_mistakes(x, params, H, G, p, causal, activation, ref):

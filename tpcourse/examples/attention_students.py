@@ -52,6 +52,12 @@ _RANK_HEADS = '''
         reads = [j // (H // G) - ka for j in range(heads.start, heads.stop)]
         o = attention_heads(q, k[..., reads, :, :], v[..., reads, :, :], causal)'''
 
+# ... and the end of attention_tp: the rank's partial, the one all-reduce, bo once.
+_REDUCE_ONCE = '''        partials.append(merge_heads(o) @ Wo[:, rows].T)
+    y = all_reduce(partials)
+    return y if bo is None else y + bo
+'''
+
 _HEADS_DEF = '''
 def attention_heads(q, k, v, causal=False):
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
@@ -186,10 +192,7 @@ QKV_ALL_REDUCE = _student(
         k_r = split_heads(k[..., ka * d:kz * d], d)[..., reads, :, :]
         v_r = split_heads(v[..., ka * d:kz * d], d)[..., reads, :, :]
         o = attention_heads(split_heads(q[..., rows], d), k_r, v_r, causal)
-        partials.append(merge_heads(o) @ Wo[:, rows].T)
-    y = all_reduce(partials)
-    return y if bo is None else y + bo
-''')
+{_REDUCE_ONCE}''')
 
 BIAS_EVERY_RANK = _student(
     "output_bias_every_rank", "adds the output bias bo to every rank's partial before the "
@@ -213,10 +216,7 @@ EMPTY_RANK_SKIPPED = _student(
         if heads.stop == heads.start:
             continue                                              # "nothing to contribute"
 {_RANK_HEADS.strip(chr(10))}
-        partials.append(merge_heads(o) @ Wo[:, rows].T)
-    y = all_reduce(partials)
-    return y if bo is None else y + bo
-''')
+{_REDUCE_ONCE}''')
 
 KV_TILE = _student(
     "kv_tile", "pairs a rank's query heads with its KV heads cyclically (np.tile), not in "
@@ -231,10 +231,7 @@ KV_TILE = _student(
         v = split_heads(x @ Wv[kv_rows].T, d)
         reads = [i % (kz - ka) for i in range(heads.stop - heads.start)]   # tiles the groups
         o = attention_heads(q, k[..., reads, :, :], v[..., reads, :, :], causal)
-        partials.append(merge_heads(o) @ Wo[:, rows].T)
-    y = all_reduce(partials)
-    return y if bo is None else y + bo
-''')
+{_REDUCE_ONCE}''')
 
 LAYER_EXTRA_ALL_REDUCE = _student(
     "layer_extra_all_reduce", "makes the MLP's W1 row-parallel too: a third all-reduce",
