@@ -17,7 +17,7 @@ import pytest
 from tpcourse.demo import catalogue, failed, gradebook_scores, is_looping
 from tpcourse.submissions import build, grade_id, is_solution, read
 
-ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence")
+ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention")
 REFERENCE, UNMODIFIED, STUDENTS = ([s for s in group if s.assignment in ASSIGNMENTS]
                                    for group in catalogue())   # every catalogue of CATALOGUES
 WRONG = [s for s in STUDENTS if s.loses or s.loses_all]

@@ -13,7 +13,7 @@ from tpcourse import REPO
 from tpcourse.examples import numpy_students as catalogue
 from tpgrade import offline
 
-NOTEBOOKS = ("tp_linear", "tp_mlp", "tp_sequence")
+NOTEBOOKS = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention")
 
 
 def _source(assignment):

@@ -23,13 +23,13 @@ from .cycle import Course
 from .cycle import ensure_tools_on_path
 from .submissions import Submission, build
 
-NUMPY_ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence")
+NUMPY_ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention")
 # The example students of the numpy assignments: modules of tpcourse.examples.
-CATALOGUES = ("numpy_students", "sequence_students")
+CATALOGUES = ("numpy_students", "sequence_students", "attention_students")
 OUTPUT = REPO / "demo_output"
 # Which catalogue mistakes the demo shows (one correct student and the crashing one are added).
 DEMO_MISTAKES = ("local_shard", "bias_every_rank", "float32_upcast", "mlp_two_all_reduces",
-                 "ce_gathers_logits")
+                 "ce_gathers_logits", "qkv_thirds", "output_bias_every_rank")
 
 
 # -- the catalogue ------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ modules are read-only, and the shell's error reporting is reset. They raise the 
 not a security boundary (tests/test_judge_catalogue.py shows 14 attacks getting through them).
 """
 from . import _trusted  # noqa: F401  (first: capture numpy before anything else runs)
-from . import _harness, comm, compare, linear, mlp, sequence, vocab  # noqa: F401
+from . import _harness, attention, comm, compare, cost, linear, mlp, sequence, vocab  # noqa: F401
 
-__all__ = ["comm", "compare", "linear", "mlp", "sequence", "vocab"]
+__all__ = ["attention", "comm", "compare", "cost", "linear", "mlp", "sequence", "vocab"]
 
 # Last: `tpgrade.linear = fake` in a solution cell would otherwise swap every check at once.
 _harness.make_read_only(__name__)

@@ -98,6 +98,14 @@ def _piece_matches(piece, r, expected, scales, dtype, alternatives):
     return any(_same_numbers(piece, w, scales[r], dtype) for w in options)
 
 
+def reduced(call_):
+    """What a recorded all-reduce left on every rank: the sum of its per-rank inputs (float64)."""
+    total = call_.inputs[0].astype(T.float64)
+    for piece in call_.inputs[1:]:
+        total = total + piece
+    return total
+
+
 def _same_numbers(piece, want, scale, dtype):
     if piece.size != want.size:
         return False
@@ -142,4 +150,4 @@ def with_dtype(got, want_dtype, name):
 
 __all__ = ["RANKS", "call", "call_raw", "copied", "count", "describe", "expect_bad_args",
            "expect_counts", "expect_inputs_unchanged", "expect_output", "expect_pieces",
-           "last_call", "pieces_match", "record", "with_dtype"]
+           "last_call", "pieces_match", "record", "reduced", "with_dtype"]

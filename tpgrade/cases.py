@@ -60,3 +60,14 @@ def mlp(x, W1, W2, b1=None, b2=None, activation=relu, x_scale=None):
     if b2 is not None:
         y, scale = y + b2, scale + abs(b2)
     return y, scale, h
+
+
+def kv_heads(num_heads, num_kv_heads, p):
+    """(start, stop) of the KV heads each rank holds: exactly those its query heads use.
+
+    Query head j reads KV head j // g, g = num_heads // num_kv_heads. Rank r holds query
+    heads balanced(num_heads, p)[r] = [a, z), so KV heads [a // g, ceil(z / g)); a rank
+    without query heads holds none. With num_kv_heads < p several ranks hold the same KV
+    head (vLLM's QKVParallelLinear replicates it there)."""
+    g = num_heads // num_kv_heads
+    return [(a // g, -(-z // g)) if z > a else (a // g, a // g) for a, z in balanced(num_heads, p)]

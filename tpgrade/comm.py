@@ -10,17 +10,7 @@ from __future__ import annotations
 
 from ._harness import check, make_read_only
 from ._layers import expect_bad_args
-from .compare import fail
-
-_RTOL = 1e-9
-
-
-def _expect_number(got, want, name, hint=""):
-    if isinstance(got, bool) or not isinstance(got, (int, float)) and not hasattr(got, "__float__"):
-        fail(f"{name} returned {type(got).__name__}, expected a number")
-    value = float(got)
-    if not abs(value - want) <= _RTOL * max(1.0, abs(want)):
-        fail(f"{name}: expected {want:g}, got {value:g}" + (f": {hint}" if hint else ""))
+from .compare import expect_number as _expect_number
 
 
 @check

@@ -59,6 +59,16 @@ def expect_close(got, want, scale, dtype, name, explanations=()):
          f"allowed {RTOL[T.dtype(dtype)]:.0e})" + (f": {why}" if why else ""))
 
 
+def expect_number(got, want, name, hint="", rtol=1e-9):
+    """A counted or computed quantity (all-reduces, bytes, FLOPs, seconds): a real number
+    equal to `want` up to `rtol` (relative, or absolute below 1)."""
+    if isinstance(got, bool) or not isinstance(got, (int, float)) and not hasattr(got, "__float__"):
+        fail(f"{name} returned {type(got).__name__}, expected a number")
+    value = float(got)
+    if not abs(value - want) <= rtol * max(1.0, abs(want)):
+        fail(f"{name}: expected {want:g}, got {value:g}" + (f": {hint}" if hint else ""))
+
+
 def expect_dtype(got, dtype, name):
     if got.dtype != T.dtype(dtype):
         fail(f"{name}: inputs were {T.dtype(dtype)} but the output is {got.dtype}: keep the "
