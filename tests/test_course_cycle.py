@@ -1,9 +1,11 @@
 """The real nbgrader cycle on the numpy assignments, in one temporary course for the module.
 
-generate_assignment, then every example student (reference, unmodified release, the whole
-catalogue of mistakes and valid alternatives, the looping one) in ONE `nbgrader autograde` call,
-then generate_feedback and export. The first reference student goes through the real
-exchange (release, fetch, submit, collect); the rest are placed where `collect` puts them.
+generate_assignment, then per assignment the reference, the unmodified release, the first two
+catalogued mistakes, the first valid alternative, and the looping and crashing students, in ONE
+`nbgrader autograde` call (sandboxed, judged), then generate_feedback and export. The first
+reference student goes through the real exchange (release, fetch, submit, collect); the rest
+are placed where `collect` puts them. Every other catalogued student is graded by the same
+judge in-process (tests/test_judge_catalogue.py): what only nbgrader can show is shown here.
 """
 from __future__ import annotations
 
@@ -18,8 +20,25 @@ from tpcourse.demo import catalogue, failed, gradebook_scores, is_looping
 from tpcourse.submissions import build, grade_id, is_solution, read
 
 ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention")
-REFERENCE, UNMODIFIED, STUDENTS = ([s for s in group if s.assignment in ASSIGNMENTS]
-                                   for group in catalogue())   # every catalogue of CATALOGUES
+REFERENCE, UNMODIFIED, CATALOGUE = ([s for s in group if s.assignment in ASSIGNMENTS]
+                                    for group in catalogue())   # every catalogue of CATALOGUES
+
+
+def _representatives(students):
+    """Per assignment: the first two mistakes and the first valid alternative; every fault."""
+    picked = []
+    for assignment in ASSIGNMENTS:
+        mine = [s for s in students if s.assignment == assignment]
+        wrong = [s for s in mine if (s.loses or s.loses_all) and not is_fault(s)]
+        picked += wrong[:2] + [s for s in mine if not (s.loses or s.loses_all)][:1]
+    return picked + [s for s in students if is_fault(s)]
+
+
+def is_fault(sub):
+    return bool(sub.loses or sub.loses_all) and (is_looping(sub) or "crash" in sub.student)
+
+
+STUDENTS = _representatives(CATALOGUE)
 WRONG = [s for s in STUDENTS if s.loses or s.loses_all]
 VALID = [s for s in STUDENTS if not (s.loses or s.loses_all)]
 LOOPING = [s for s in WRONG if is_looping(s)]
@@ -86,7 +105,9 @@ def _grades(graded, sub):
 def test_catalogue_is_complete():
     assert {s.assignment for s in REFERENCE} == set(ASSIGNMENTS)
     assert {s.assignment for s in UNMODIFIED} == set(ASSIGNMENTS)
-    assert len(WRONG) >= 12 and len(VALID) >= 3 and LOOPING
+    assert len([s for s in CATALOGUE if s.loses or s.loses_all]) >= 12
+    assert {s.assignment for s in VALID} == set(ASSIGNMENTS) and LOOPING
+    assert {s.assignment for s in WRONG} == set(ASSIGNMENTS) and len(WRONG) >= 2 * len(ASSIGNMENTS)
 
 
 @pytest.mark.parametrize("sub", REFERENCE, ids=_id)

@@ -54,8 +54,7 @@ def test_every_numpy_student_gets_the_verdicts_it_got_in_its_own_process(sub):
 
 
 # -- forgers --------------------------------------------------------------------------------------
-# tp_linear's forgers are graded for real in test_hostile (nbgrader, sandboxed judge); here, the
-# tp_torch ones under the judge, and every attack in the student's own process.
+# A few are graded for real in test_hostile too (nbgrader, the sandboxed judge, the flags).
 _IN_PROCESS = r'''
 import json, sys, nbformat
 from tpgrade import offline
@@ -81,8 +80,8 @@ def wrong_answers():
     return runs
 
 
-@pytest.mark.parametrize("f", F.TORCH_FORGERS, ids=lambda f: f.student)
-def test_a_torch_forger_loses_exactly_what_its_wrong_answer_loses(wrong_answers, f):
+@pytest.mark.parametrize("f", F.FORGERS, ids=lambda f: f.student)
+def test_a_forger_loses_exactly_what_its_wrong_answer_loses(wrong_answers, f):
     assert wrong_answers[f.student], "the control must be a wrong answer"
     assert set(local.judge(_forger_notebook(f), timeout=60).failed) == \
         wrong_answers[f.student], f.why
