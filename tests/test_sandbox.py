@@ -286,3 +286,26 @@ def test_stock_autograde_refuses_without_sandbox_and_obeys_the_opt_out(toy_cours
         assert toy_course.scores("toy", "good") == {"toy": {"test_double": (1.0, 1.0)}}
     finally:
         cfg.write_text(original)
+
+
+def test_stock_autograde_refuses_when_the_judge_cannot_start_there(toy_course):
+    """The judge's student process cannot import what it needs (here: its own package hidden
+    like instructor tooling): grading stops with the cause, and nobody's grade changes."""
+    cfg = toy_course.root / "nbgrader_config.py"
+    original = cfg.read_text()
+    def grades():
+        from nbgrader.api import MissingEntry
+        try:
+            return toy_course.scores("toy", "good")
+        except MissingEntry:
+            return None
+    before = grades()
+    try:
+        cfg.write_text(original + "\nc.Sandbox.private_packages = ['tpcourse', 'tpjudge']\n")
+        proc = toy_course.nbgrader("autograde", "toy", "--force", "--student=good", check=False)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "the judge cannot grade here" in said and "tpjudge" in said
+        assert grades() == before
+    finally:
+        cfg.write_text(original)

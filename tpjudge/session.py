@@ -126,7 +126,13 @@ class Student:
     def _exchange(self, message) -> dict:
         if self.gone is not None:
             raise StudentGone(self.gone)
-        self._callbacks = []
+        outer, self._callbacks = self._callbacks, []   # a callback may call the student again
+        try:
+            return self._converse(message)
+        finally:
+            self._callbacks = outer
+
+    def _converse(self, message) -> dict:
         try:
             self.channel.send(message, callbacks=self._callbacks)
         except OSError:

@@ -86,10 +86,12 @@ class JudgedExecute(SandboxedExecute):
         """The student's process, in the sandbox (when it is on), working in a scratch copy
         of the notebook's folder bound at the folder's own path."""
         base, lock = new_scratch(None, self.log)
+        held = [lock]
 
-        def cleanup():
-            remove_tree(base)
-            os.close(lock)
+        def cleanup():          # once, whoever gets there first (the student's close, or here)
+            while held:
+                remove_tree(base)
+                os.close(held.pop())
         scratch = working_copy(workdir, base / "w", self.sandbox)
         confine = functools.partial(wrap, workdir=workdir, scratch=str(scratch),
                                     hidden=course_paths(self.config), config=self.config) \
