@@ -5,7 +5,8 @@
 #   util-linux  - prlimit (resource limits) and setpriv (drop to an unprivileged uid)
 #   postgresql  - initdb/pg_ctl for the throwaway Postgres gradebook in tests/test_grade_class.py
 #   slurmctld, slurmd, slurm-client, munge - a one-node Slurm cluster started by
-#                 tests/test_slurm.py, which runs the shipped gpu_runner/slurm/*.sbatch files
+#                 tests/test_grade_class_gpu.py (tests/slurm_cluster.py), which runs the
+#                 shipped gpu_runner/slurm/*.sbatch files
 #                 (the daemons are not started here: the test starts its own, in a temp dir)
 set -euo pipefail
 need=()

@@ -210,7 +210,8 @@ def main(argv=None) -> int:
             print(f"gpu_runner: nothing graded. {exc}", file=sys.stderr, flush=True)
             return 2
         if names:
-            preflight(src_path, wrap, reports / ".preflight")
+            # a folder of this process's own: shards on many machines share the reports folder
+            preflight(src_path, wrap, reports / f".preflight-{os.uname().nodename}-{os.getpid()}")
         cfg = Config(sizes=sizes, backend=backend, pg_timeout=args.pg_timeout,
                      step_timeout=args.step_timeout, wall_timeout=args.timeout,
                      max_launches=args.max_launches, wrap=wrap)
