@@ -22,7 +22,7 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tpcourse.grade_class", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("assignment")
@@ -40,6 +40,11 @@ def main(argv=None) -> int:
                     "gradebook (DIR/gradebook.db) and the autograded notebooks")
     ap.add_argument("--merge", nargs="+", metavar="DIR", help="write these shard folders' "
                     "grades into the course gradebook (then feedback and export)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
 
     from tpgrader.classgrade import ClassGrader, GraderError
