@@ -11,6 +11,10 @@ bwrap then also unshares a user namespace (unprivileged user namespaces must be 
 check.py), the program runs under the grader's own uid mapped into it, with no capabilities
 and no way to make further user namespaces, and every tree it can see is read-only except its
 scratch folder and its private /tmp. Hidden trees are read-only empty directories either way.
+
+The grader's Python is shown wherever it lives (interpreter_paths: its prefixes and every
+sys.path entry, also under /tmp, /root or /home), read-only, each bound alone into the hidden
+or private tree around it; never a path whose showing would uncover a hidden tree whole.
 """
 from __future__ import annotations
 
