@@ -34,6 +34,7 @@ from pathlib import Path
 from . import extract, gradebook, report
 from .launch import Config, job_pythonpath, run_submission
 from .plan import make_plan
+from .versions import warn_if_untested
 
 FLAGS_ENV = "GPU_RUNNER_FLAGS"
 
@@ -193,6 +194,7 @@ def _uid_per_shard(root: Path, shard: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    warn_if_untested()
     root = Path(args.course_root).resolve()
     db_url = args.db_url or f"sqlite:///{root / 'gradebook.db'}"
     reports = Path(args.reports or root / "gpu_reports" / args.assignment).resolve()
@@ -210,7 +212,8 @@ def main(argv=None) -> int:
             print(f"gpu_runner: nothing graded. {exc}", file=sys.stderr, flush=True)
             return 2
         if names:
-            preflight(src_path, wrap, reports / ".preflight")
+            # a folder of this process's own: shards on many machines share the reports folder
+            preflight(src_path, wrap, reports / f".preflight-{os.uname().nodename}-{os.getpid()}")
         cfg = Config(sizes=sizes, backend=backend, pg_timeout=args.pg_timeout,
                      step_timeout=args.step_timeout, wall_timeout=args.timeout,
                      max_launches=args.max_launches, wrap=wrap)

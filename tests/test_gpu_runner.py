@@ -167,60 +167,171 @@ def _alive(pid):
 
 
 # -- scale-out files -------------------------------------------------------------------------
-def _grade_argv(command: str) -> list[str]:
-    """The arguments after `-m gpu_runner.grade`, with shell/Actions variables filled in."""
-    command = command.replace("$STUDENT_FLAG", "--student X")   # what it expands to
+SLURM, K8S, WORKFLOW = RUNNER / "slurm", RUNNER / "k8s", RUNNER / "github" / "gpu-grade.yml"
+# The Kubernetes versions the manifests must be valid for: the oldest with every field they
+# use (hostUsers, procMount, appArmorProfile, backoffLimitPerIndex), and the newest known.
+K8S_VERSIONS = ("1.33.0", "latest")
+
+
+def _largest_world_size() -> int:
+    """max of the course's world sizes: c.GpuRunner.world_sizes in nbgrader_config.py where
+    set, else gpu_runner.grade's default (both 1-4)."""
+    from tpgrader import load_config
+    config = load_config(str(REPO))
+    if "GpuRunner" in config and "world_sizes" in config.GpuRunner:
+        return max(config.GpuRunner.world_sizes)
+    return max(backend_and_sizes("gloo", None)[1])
+
+
+def _argv(command: str, module: str) -> list[str]:
+    """The arguments after `-m MODULE`, with shell and Actions variables filled in."""
+    command = command.replace('"${student[@]}"', "--student X")   # what it expands to
     command = re.sub(r"\$\{\{[^}]*\}\}", "X", command)
-    command = re.sub(r"\$\{?(\w+)\}?", lambda m: "0" if "INDEX" in m[1] or "SHARD" in m[1]
-                     else "X", command)
-    command = command.replace("\\\n", " ")
-    words = shlex.split(command)
-    return words[words.index("gpu_runner.grade") + 1:]
+
+    def value(m):
+        name = m[1] or m[3]
+        numeric = "INDEX" in name or name in ("SHARD", "SHARDS") or name.endswith("PER_TASK")
+        return "0" if numeric else "X"
+    command = re.sub(r"\$\{(\w+)(:-[^}]*)?\}|\$(\w+)", value, command)
+    words = shlex.split(command.replace("\\\n", " "))
+    words = words[words.index(module) + 1:]
+    ends = [i for i, w in enumerate(words) if w in ("||", "&&", ";", "|")]
+    return words[:ends[0]] if ends else words
 
 
-def _commands(text: str) -> list[str]:
+def _commands(text: str, module: str) -> list[list[str]]:
     joined = text.replace("\\\n", " ")
-    return [line for line in joined.splitlines()
-            if "-m gpu_runner.grade" in line and not line.lstrip().startswith("#")]
+    return [_argv(line, module) for line in joined.splitlines()
+            if f"-m {module}" in line and not line.lstrip().startswith("#")]
 
 
-def _check_args(argv):
+def _runner_args(argv):
     args = parse_args(argv)       # argparse exits (fails the test) on an unknown flag
-    assert args.assignment
+    assert args.assignment and args.world_sizes is None, argv   # the course's world sizes
     if args.shard:
-        assert re.fullmatch(r"\d+/\d+", args.shard) or "X" in args.shard
+        assert re.fullmatch(r"\d+/\d+", args.shard), args.shard
     return args
 
 
-def test_slurm_script_parses_and_calls_the_entry_point():
-    path = RUNNER / "slurm" / "grade_array.sbatch"
-    subprocess.run(["bash", "-n", str(path)], check=True)
-    text = path.read_text()
-    assert re.search(r"^#SBATCH --array=\d+-\d+", text, re.M)
-    commands = _commands(text)
-    assert commands
-    args = _check_args(_grade_argv(commands[0].replace('"$PYTHON"', "python")))
+def _class_args(argv):
+    from tpcourse.grade_class import parser
+    return parser().parse_args(argv)
+
+
+def _k8s(name):
+    return yaml.safe_load((K8S / name).read_text())
+
+
+def _container(doc):
+    return doc["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_slurm_scripts_parse_and_call_the_entry_points():
+    for path in SLURM.glob("*.sbatch"):
+        subprocess.run(["bash", "-n", str(path)], check=True)
+    gpu = (SLURM / "grade_array.sbatch").read_text()
+    assert re.search(r"^#SBATCH --array=0-\d+$", gpu, re.M)
+    assert re.findall(r"^#SBATCH --gres=gpu:(\d+)$", gpu, re.M) == [str(_largest_world_size())]
+    [args] = [_runner_args(a) for a in _commands(gpu, "gpu_runner.grade")]
     assert args.no_gradebook and args.shard
+    auto = (SLURM / "autograde_array.sbatch").read_text()
+    assert re.search(r"^#SBATCH --array=0-\d+$", auto, re.M) and "--gres" not in auto
+    [args] = [_class_args(a) for a in _commands(auto, "tpcourse.grade_class")]
+    assert args.shard and args.shard_dir and not args.merge
+    finish = (SLURM / "finish.sbatch").read_text()
+    [merge] = [_class_args(a) for a in _commands(finish, "tpcourse.grade_class")]
+    [load] = [_runner_args(a) for a in _commands(finish, "gpu_runner.grade")]
+    assert merge.merge and load.load_reports
 
 
-def test_kubernetes_job_parses_and_calls_the_entry_point():
-    doc = yaml.safe_load((RUNNER / "k8s" / "grade-indexed-job.yaml").read_text())
-    assert doc["kind"] == "Job" and doc["spec"]["completionMode"] == "Indexed"
-    container = doc["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"]
-    args = _check_args(_grade_argv(" ".join(container["args"])))
+def test_kubernetes_manifests_pass_the_schema_and_call_the_entry_points():
+    import copy
+
+    import kubernetes_validate
+    names = sorted(p.name for p in K8S.glob("*.yaml"))
+    assert names == ["autograde-indexed-job.yaml", "finish-job.yaml", "grade-indexed-job.yaml"]
+    for name in names:
+        for version in K8S_VERSIONS:
+            version = kubernetes_validate.latest_version() if version == "latest" else version
+            kubernetes_validate.validate(_k8s(name), version, strict=True)
+    broken = copy.deepcopy(_k8s("grade-indexed-job.yaml"))      # the check can fail
+    _container(broken)["securityContext"]["procMounts"] = "Unmasked"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[0], strict=True)
+
+    gpu, auto = _k8s("grade-indexed-job.yaml"), _k8s("autograde-indexed-job.yaml")
+    assert _container(gpu)["resources"]["limits"]["nvidia.com/gpu"] == _largest_world_size()
+    assert "nvidia.com/gpu" not in _container(auto)["resources"]["limits"]
+    for doc in (gpu, auto):
+        assert doc["spec"]["completionMode"] == "Indexed"
+        shards = {e["name"]: e["value"] for e in _container(doc)["env"]}["SHARDS"]
+        assert doc["spec"]["completions"] == int(shards)
+    [args] = [_runner_args(a) for a in _commands(" ".join(_container(gpu)["args"]),
+                                                 "gpu_runner.grade")]
     assert args.shard and args.no_gradebook
+    [args] = [_class_args(a) for a in _commands(" ".join(_container(auto)["args"]),
+                                                "tpcourse.grade_class")]
+    assert args.shard and args.shard_dir
+    command = _container(_k8s("finish-job.yaml"))["command"]
+    assert (RUNNER / command[-1].split("/opt/tp-course/gpu_runner/")[1]).is_file()
 
 
-def test_github_workflow_parses_and_calls_the_entry_point():
-    doc = yaml.safe_load((RUNNER / "github" / "gpu-grade.yml").read_text())
+def test_kubernetes_pods_grading_student_code_can_run_the_sandbox():
+    """bubblewrap in a pod: a user namespace of the pod's own (hostUsers: false), root in it
+    with CAP_SYS_ADMIN there (namespaces, mounts), /proc unmasked (a masked one cannot be
+    mounted again in a new PID namespace), no seccomp/AppArmor filter that refuses mount and
+    pivot_root. Both jobs that run student code carry the same context."""
+    contexts = []
+    for name in ("grade-indexed-job.yaml", "autograde-indexed-job.yaml"):
+        doc = _k8s(name)
+        assert doc["spec"]["template"]["spec"]["hostUsers"] is False, name
+        contexts.append(_container(doc)["securityContext"])
+    ctx = contexts[0]
+    assert contexts[1] == ctx
+    assert ctx["runAsUser"] == 0 and ctx["procMount"] == "Unmasked"
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    assert {"SYS_ADMIN", "NET_ADMIN", "SETUID", "SETGID", "SETPCAP"} <= set(ctx["capabilities"]["add"])
+    assert "privileged" not in ctx and "allowPrivilegeEscalation" not in ctx   # API rule with SYS_ADMIN
+    assert ctx["seccompProfile"]["type"] == ctx["appArmorProfile"]["type"] == "Unconfined"
+
+
+def test_github_workflow_passes_the_schema_and_quotes_its_inputs(tmp_path):
+    doc = yaml.safe_load(WORKFLOW.read_text())
+    broken = tmp_path / "broken.yml"               # the check can fail
+    broken.write_text(WORKFLOW.read_text().replace("runs-on:", "runs_on:"))
+    proc = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                           "vendor.github-workflows", str(WORKFLOW), str(broken)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "broken.yml::$.jobs.grade" in proc.stdout, proc.stdout
+    assert str(WORKFLOW) not in proc.stdout + proc.stderr, proc.stdout
     job = doc["jobs"]["grade"]
-    assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]
-    runs = "\n".join(step.get("run", "") for step in job["steps"])
-    assert "requirements-gpu.txt" in runs and "--no-deps" in runs
-    commands = _commands(runs)
-    assert commands
-    assert _check_args(_grade_argv(commands[0])).student == ["X"]
+    assert job["runs-on"] == ["self-hosted", "gpu", f"gpus-{_largest_world_size()}"]
+    runs = [step["run"] for step in job["steps"] if "run" in step]
+    inputs = {name for name, value in job["env"].items() if "inputs." in value}
+    assert inputs == {"ASSIGNMENT", "STUDENT"}
+    for script in runs:
+        assert "${{" not in script, script          # no expression pasted into a script
+        for name in inputs:                          # every use of an input is quoted
+            uses = re.findall(rf'.?\$\{{?{name}\b', script)
+            assert all(use.startswith('"') for use in uses), (name, script)
+    install = "\n".join(runs)
+    assert "-m venv --system-site-packages" in install and "--no-deps -e ." in install
+    assert "requirements-gpu.txt -c constraints.txt" in install
+    assert not re.search(r"pip install[^\n]*\btorch\b", install)
+    assert f"-m gpu_runner.versions --expect-gpus {_largest_world_size()}" in install
+    [args] = [_runner_args(a) for a in _commands(install, "gpu_runner.grade")]
+    assert args.student == ["X"]
+
+
+def test_the_runner_warns_about_an_untested_torch(monkeypatch, capsys, tmp_path):
+    from gpu_runner import grade, versions
+    assert versions.warning(versions.torch_version()) == ""        # this machine's is tested
+    assert versions.series("2.13.0+cu128") == "2.13"
+    monkeypatch.setattr(versions, "TESTED_TORCH", {"1.0": "an old one"})
+    with pytest.raises(SystemExit, match="no notebook with gpu_"):
+        grade.main(["tp_torch", f"--course-root={tmp_path}"])       # the warning comes first
+    err = capsys.readouterr().err
+    assert f"torch {versions.torch_version()} is not a tested version (tested: 1.0.x" in err
 
 
 def test_gpu_requirements_leave_torch_alone():

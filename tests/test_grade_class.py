@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tpgrader.classgrade import ClassGrader
+from tpgrader.classgrade import ClassGrader, GraderError
 from tpcourse.examples import numpy_students as N
 from tpsandbox import problem
 from tpcourse.submissions import Submission, build
@@ -44,12 +44,19 @@ def _csv(path):
 
 
 @pytest.fixture(scope="module")
-def graded(make_course):
-    """The same class graded twice: by grade_class (2 workers) and by stock nbgrader."""
+def filled(make_course, tmp_path_factory):
+    """The class handed in to three identical courses, none graded yet."""
     ours = make_course("class_parallel", assignments=[A], extra_config=CONFIG)
     stock = make_course("class_stock", assignments=[A], extra_config=CONFIG)
     _fill(ours, CLASS)
     _fill(stock, CLASS)
+    return ours, stock, ours.copy(tmp_path_factory.mktemp("class_shards") / "course")
+
+
+@pytest.fixture(scope="module")
+def graded(filled):
+    """The same class graded twice: by grade_class (2 workers) and by stock nbgrader."""
+    ours, stock, _ = filled
     outcomes = ClassGrader(ours.root, A, workers=2, progress=False).run()
     stock.nbgrader("autograde", A)   # sequential, one notebook at a time
     stock.export()
@@ -183,3 +190,98 @@ def test_postgres_gradebook_gives_the_same_grades(graded, postgres, make_course)
                for s in subs}
     assert got == {s.student: stock.scores(A, s.student) for s in subs}
     assert not (pg.root / "gradebook.db").exists()  # nothing went to sqlite behind our back
+
+
+# -- scale-out: shards into folders of their own, one merge --------------------------------
+
+SHARDED = [s for s in CLASS if s.student in ("reference", "np_split", "bias_in_partial")]
+
+
+def _graded_rows(course):
+    from sqlalchemy import create_engine, text
+    engine = create_engine(course.db_url)
+    try:
+        with engine.connect() as con:
+            return sorted(con.execute(text("SELECT student, digest, graded_at FROM "
+                                           "tpcourse_graded WHERE stage = 'autograde'")).all())
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def sharded(filled):
+    """SHARDED graded as 2 concurrent shards (`--shard I/2`) of one course, then merged."""
+    course = filled[2]
+    for sub in CLASS:
+        if sub not in SHARDED:
+            shutil.rmtree(course.root / "submitted" / sub.student)
+    gradebook = (course.root / "gradebook.db").read_bytes()
+    dirs = [course.root.parent / f"shard-{i}" for i in range(2)]
+    shards = [subprocess.Popen([sys.executable, "-m", "tpcourse.grade_class", A, "--no-progress",
+                                f"--root={course.root}", "--workers=1", f"--shard={i}/2",
+                                f"--shard-dir={d}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+              for i, d in enumerate(dirs)]
+    outs = [p.communicate(timeout=900)[0] for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], outs
+    untouched = (course.root / "gradebook.db").read_bytes() == gradebook
+    merged = ClassGrader(course.root, A, progress=False).merge(dirs)   # CLI: tests/test_slurm.py
+    return course, dirs, outs, untouched, merged
+
+
+def test_shards_write_only_their_folders_and_the_merge_equals_one_run(graded, sharded):
+    _, stock, _ = graded
+    course, dirs, outs, untouched, merged = sharded
+    assert untouched, "a shard wrote the course gradebook"
+    assert "2 submissions: 2 graded" in outs[0] and "1 submissions: 1 graded" in outs[1], outs
+    assert {p.name for p in (dirs[0] / "autograded").iterdir()} == {"bias_in_partial",
+                                                                    "reference"}
+    assert sorted((o.student, o.status) for o in merged) == sorted(
+        (s.student, "graded") for s in SHARDED)
+    students = [s.student for s in SHARDED]
+    assert _all_scores(course, students) == _all_scores(stock, students)
+    stock_rows = [r for r in _csv(stock.root / "grades.csv") if dict(r)["student_id"] in students]
+    assert _csv(course.root / "grades.csv") == stock_rows
+    for s in students:
+        assert course.feedback_html(A, s), s
+
+
+def test_merging_again_changes_nothing(sharded):
+    course, dirs, _, _, _ = sharded
+    rows, scores = _graded_rows(course), _all_scores(course, [s.student for s in SHARDED])
+    outcomes = ClassGrader(course.root, A, progress=False, feedback=False,
+                           export=False).merge(dirs[::-1])
+    assert sorted(o.status for o in outcomes) == ["unchanged"] * 3
+    assert _graded_rows(course) == rows    # digests and grading times as they were: not twice
+    assert _all_scores(course, [s.student for s in SHARDED]) == scores
+
+
+def test_a_newer_shard_replaces_the_older_grade_and_keeps_manual_grades(sharded):
+    from nbgrader.api import Gradebook
+    course, dirs, _, _, _ = sharded
+    with Gradebook(course.db_url, "tp101") as gb:     # the instructor's partial credit
+        grade = gb.find_grade("test_column_uneven_shards", A, A, "np_split")
+        grade.manual_score = 1.5
+        gb.db.commit()
+    ours = next(s for s in SHARDED if s.student == "np_split")
+    course.place_submission("np_split", A, build(Submission("np_split", A)),
+                            timestamp="2026-11-21 10:00:00.000000 UTC")   # fixed, handed in again
+    newer = course.root.parent / "shard-late"
+    ClassGrader(course.root, A, workers=1, progress=False, shard=(0, 1), shard_dir=newer).run()
+    assert {p.name for p in (newer / "autograded").iterdir()} == {"np_split"}  # others unchanged
+    before = dict((s, (d, at)) for s, d, at in _graded_rows(course))
+    outcomes = ClassGrader(course.root, A, progress=False, feedback=False,
+                           export=False).merge([newer, *dirs])
+    assert {o.student: o.status for o in outcomes} == {
+        "np_split": "graded", "reference": "unchanged", "bias_in_partial": "unchanged"}
+    after = dict((s, (d, at)) for s, d, at in _graded_rows(course))
+    assert after["np_split"][0] != before["np_split"][0] and after["np_split"][1] > before["np_split"][1]
+    assert all(after[s] == before[s] for s in after if s != "np_split")
+    [(_, grades)] = course.scores(A, "np_split").items()
+    assert ours.loses == {"test_column_uneven_shards"}    # what the old submission lost
+    assert all(score == top for g, (score, top) in grades.items() if g not in ours.loses)
+    with Gradebook(course.db_url, "tp101") as gb:
+        grade = gb.find_grade("test_column_uneven_shards", A, A, "np_split")
+        assert grade.manual_score == 1.5 and grade.auto_score == grade.max_score
+    with pytest.raises(GraderError, match="nothing merged: .*no-such-shard is not a shard"):
+        ClassGrader(course.root, A, progress=False).merge([dirs[0], course.root / "no-such-shard"])

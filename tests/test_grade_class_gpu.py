@@ -1,7 +1,8 @@
 """grade_class's gpu stage: `ClassGrader` on tp_torch hands the gpu_* task cells to the
 gpu_runner (sandboxed torchrun jobs on CPU/gloo ranks), the scores land in the gradebook and
 the export, and a rerun skips the students whose submission did not change -- SLOW (three
-class runs, three torchrun launches, about two minutes).
+class runs, three torchrun launches, about two minutes). Then the same class graded by the
+shipped Slurm files on a one-node test cluster gets the same gradebook (about a minute more).
 
 The runner gets its flags from GPU_RUNNER_FLAGS (grade_class passes none): world sizes 1 and 2
 only, no timing, to keep the launches short.
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import pytest
 
 from gpu_runner.grade import FLAGS_ENV
 from tpgrader.classgrade import ClassGrader
+from tpcourse import REPO
 from tpcourse.examples import torch_students as cat
 from tpsandbox import problem
 from tpcourse.submissions import build
@@ -44,11 +47,18 @@ def _run(course):
 
 
 @pytest.fixture(scope="module")
-def runs(make_course):
+def handed_in(make_course, tmp_path_factory):
+    """Two submissions, in the course graded on one machine and in an identical copy."""
     course = make_course("class_gpu", [A], extra_config="")
     course.generate(A)
     for name in (REF, WRONG):
         course.place_submission(name, A, build(cat.BY_NAME[name]))
+    return course, course.copy(tmp_path_factory.mktemp("class_gpu_slurm") / "course")
+
+
+@pytest.fixture(scope="module")
+def runs(handed_in):
+    course, _ = handed_in
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(FLAGS_ENV, RUNNER_FLAGS)
         first = _run(course)
@@ -121,3 +131,50 @@ def test_changed_submission_is_graded_again_on_ranks(runs):
     assert times[WRONG] != state["first"][3][WRONG]
     assert _gpu(scores[WRONG]) == {gid: (float(p), float(p)) for gid, p in cat.GPU_CELLS.items()}
     assert float(grades[WRONG]["score"]) == pytest.approx(float(grades[WRONG]["max_score"]))
+
+
+# -- the same class on Slurm: the shipped sbatch files, as they are --------------------------
+
+SLURM = REPO / "gpu_runner" / "slurm"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from slurm_cluster import Cluster, SlurmUnavailable
+    try:
+        cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+        cluster.start()
+    except SlurmUnavailable as err:
+        pytest.skip(str(err))
+    yield cluster
+    cluster.stop()
+
+
+def test_slurm_arrays_then_one_merge_give_the_one_machine_gradebook(runs, handed_in, cluster):
+    """autograde_array.sbatch and grade_array.sbatch as arrays of 2 tasks (each a shard of the
+    class), then finish.sbatch (merge, --load-reports, feedback, export) once both are done:
+    every score and the export equal the single-machine grade_class run's."""
+    _, state = runs
+    _, course = handed_in
+    _, scores, grades, _ = state["first"]
+    jobs = cluster.base / "jobs"
+    jobs.mkdir()
+    env = {"COURSE_ROOT": str(course.root), "ASSIGNMENT": A, "PYTHON": sys.executable,
+           FLAGS_ENV: RUNNER_FLAGS}
+    auto = cluster.sbatch(SLURM / "autograde_array.sbatch", "--array=0-1", cwd=jobs, env=env)
+    gpu = cluster.sbatch(SLURM / "grade_array.sbatch", "--array=0-1", cwd=jobs, env=env)
+    finish = cluster.sbatch(SLURM / "finish.sbatch", f"--dependency=afterany:{auto}:{gpu}",
+                            cwd=jobs, env=env)
+    states = {name: cluster.wait(job, 600) for name, job in
+              (("autograde", auto), ("gpu", gpu), ("finish", finish))}
+    logs = "\n".join(f"{p.name}: {p.read_text()[-1500:]}" for p in sorted(jobs.glob("*.log")))
+    assert states == {"autograde": {"0": "COMPLETED 0:0", "1": "COMPLETED 0:0"},
+                      "gpu": {"0": "COMPLETED 0:0", "1": "COMPLETED 0:0"},
+                      "finish": {finish: "COMPLETED 0:0"}}, logs
+    shards = course.root / ".grade_class" / "shards" / A
+    assert {p.name: [s.name for s in (p / "autograded").iterdir()] for p in shards.iterdir()} \
+        == {"0-of-2": [WRONG], "1-of-2": [REF]}      # one each: sorted ids, I, I+2, ...
+    assert {s: course.scores(A, s) for s in (REF, WRONG)} == scores
+    assert _csv(course) == grades
+    for s in (REF, WRONG):
+        assert course.feedback_html(A, s), s

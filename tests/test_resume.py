@@ -139,16 +139,6 @@ def _rows(course) -> dict:
         engine.dispose()
 
 
-def _copy_course(course, dest):
-    """An identical course (generated assignment, submissions) at `dest`."""
-    import shutil
-    from tpcourse.cycle import Course
-    shutil.copytree(course.root, dest)
-    cfg = dest / "nbgrader_config.py"
-    cfg.write_text(cfg.read_text().replace(str(course.root), str(dest)))
-    return Course(dest, dest / "exchange")
-
-
 def _csv_rows(course):
     return sorted((course.root / "grades.csv").read_text().splitlines())
 
@@ -160,7 +150,7 @@ def test_sigkill_inside_the_writers_commit_then_resume(make_course, tmp_path):
     from tpgrader.classgrade.gradebook import KILL_IN_COMMIT_ENV
     course = make_course("commit_kill", assignments=[A], extra_config=CONFIG)
     _fill(course, COMMIT_CLASS)
-    clean = _copy_course(course, tmp_path / "clean")   # graded in one go, at the end
+    clean = course.copy(tmp_path / "clean")   # graded in one go, at the end
 
     env = dict(os.environ, **{KILL_IN_COMMIT_ENV: "3"})
     proc = subprocess.run([sys.executable, "-m", "tpcourse.grade_class", A, "--no-progress",

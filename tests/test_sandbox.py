@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -309,3 +310,66 @@ def test_stock_autograde_refuses_when_the_judge_cannot_start_there(toy_course):
         assert grades() == before
     finally:
         cfg.write_text(original)
+
+
+# -- wherever the grader's Python lives --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tmp_python(tmp_path_factory):
+    """A grader's Python in a venv under /tmp (as CI systems and quick trials make them, here
+    inside pytest's 0700 temp folders): its own prefix and site-packages, and a .pth that adds
+    this project's environment, a sys.path entry outside the prefix."""
+    import site
+    venv = tmp_path_factory.mktemp("grader-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    [purelib] = venv.glob("lib/python*/site-packages")
+    (purelib / "tp_project.pth").write_text(
+        f"import site; site.addsitedir({site.getsitepackages()[0]!r})\n")
+    python = venv / "bin" / "python"
+    assert str(python).startswith(tempfile.gettempdir() + "/")
+    return python
+
+
+def _env_for(python: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = os.pathsep.join([str(python.parent), os.path.dirname(sys.executable),
+                                   env.get("PATH", "")])   # nbgrader runs `alembic` by name
+    return {**env, **extra}
+
+
+def test_a_grader_python_under_tmp_grades_in_the_sandbox(toy_course, tmp_python):
+    """The sandbox's private /tmp used to hide such an interpreter: every kernel died before
+    replying to kernel_info. Its prefix and sys.path entries are now shown, read-only."""
+    proc = subprocess.run([str(tmp_python), "-m", "nbgrader", "autograde", "toy", "--force",
+                           "--student=good"], cwd=toy_course.root, capture_output=True,
+                          text=True, timeout=300, env=_env_for(tmp_python))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert toy_course.scores("toy", "good") == {"toy": {"test_double": (1.0, 1.0)}}
+
+
+def test_an_unreadable_import_path_stops_grading_naming_it(toy_course, tmp_python, tmp_path):
+    """A PYTHONPATH folder the sandbox uid cannot read (mode 0): the trial sandbox imports as
+    a kernel would, and grading refuses (exit 2) naming the folder, instead of a zero for
+    every student."""
+    locked = tmp_path / "locked-packages"
+    locked.mkdir()
+    locked.chmod(0)
+    cmd = [str(tmp_python), "-m", "tpcourse.grade_class", "toy", "--no-progress",
+           f"--root={toy_course.root}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=_env_for(tmp_python, PYTHONPATH=str(locked)))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"unreadable: {locked}" in proc.stderr and "kernel_info" in proc.stderr, proc.stderr
+
+
+def test_exposures_follow_symlinks_and_never_uncover_a_hidden_tree(tmp_path):
+    from tpsandbox.command import PRIVATE_TMP, exposures
+    real = tmp_path / "real" / "site-packages"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    hidden = str(tmp_path / "course")
+    os.mkdir(hidden)
+    covered = [hidden, *PRIVATE_TMP]
+    binds = exposures([str(tmp_path / "link"), hidden, str(tmp_path), "/tmp", "/usr/lib"],
+                      covered)
+    assert sorted(binds) == sorted([(str(real), str(real)), (str(real), str(tmp_path / "link"))])

@@ -45,6 +45,15 @@ class Course:
             shutil.copytree(REPO / "source" / name, root / "source" / name, dirs_exist_ok=True)
         return cls(root, exchange)
 
+    def copy(self, dest: Path) -> "Course":
+        """An identical course at `dest` (generated assignments, submissions, gradebook),
+        cheaper than generating again."""
+        dest = Path(dest).resolve()
+        shutil.copytree(self.root, dest)
+        cfg = dest / "nbgrader_config.py"
+        cfg.write_text(cfg.read_text().replace(str(self.root), str(dest)))
+        return Course(dest, dest / "exchange")
+
     @property
     def db_url(self) -> str:
         return f"sqlite:///{self.root / 'gradebook.db'}"

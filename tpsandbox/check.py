@@ -51,15 +51,50 @@ def userns_blockers() -> list[str]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
-def _probe(bwrap: str) -> tuple[str, str]:
-    """('', '') when a trial sandbox runs, else (why not, how to fix it)."""
+# A kernel (or torchrun job) is the grader's interpreter started in the sandbox: if that
+# interpreter, a folder it imports from, or a package it needs cannot be read there, every
+# kernel dies before replying ("Kernel died before replying to kernel_info") and every
+# student would get 0. The trial runs it there first and names what it cannot read.
+_IMPORT_TRIAL = r"""
+import importlib.util, json, os, sys
+paths, modules = json.loads(sys.argv[1])
+unreadable, missing = [], []
+for path in paths:
+    try:
+        os.listdir(path) if os.path.isdir(path) else open(path, "rb").close()
+    except OSError as err:
+        unreadable.append(f"{path} ({err.strerror})")
+for name in modules:
+    try:
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            missing.append(f"{name} (not found)")
+        elif spec.has_location and spec.origin:
+            open(spec.origin, "rb").close()
+    except Exception as err:
+        missing.append(f"{name} ({type(err).__name__}: {err})")
+print(json.dumps({"unreadable": unreadable, "missing": missing}))
+"""
+
+PATHS_FIX = (
+    "The sandbox shows the interpreter's prefix and every sys.path entry (site-packages, "
+    "PYTHONPATH, editable source folders) wherever they lie, read-only, but not through "
+    "folders its uid may not enter and not where a path holds the course or the checkout: "
+    "make those paths readable by that uid (e.g. `chmod o+rx` on each folder down to them), "
+    "keep the course and checkout off sys.path, or install the grading environment elsewhere.")
+
+
+def _sandbox_uid(cfg: Sandbox) -> int:
+    return cfg.effective_uid() if os.geteuid() == 0 else os.geteuid()
+
+
+def _namespaces(cfg: Sandbox) -> tuple[str, str]:
+    """('', '') when a trial sandbox runs `true`, else (why not, how to fix it)."""
     from . import command
-    tools = (bwrap, "prlimit", "setpriv") if os.geteuid() == 0 else (bwrap, "prlimit")
+    tools = (cfg.bwrap, "prlimit", "setpriv") if os.geteuid() == 0 else (cfg.bwrap, "prlimit")
     for tool in tools:
         if not shutil.which(tool):
             return f"`{tool}` is not installed", HOW_TO_FIX
-    cfg = Sandbox(bwrap=bwrap)
     argv = command.build(cfg, ["true"], workdir="/", binds={})
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -75,12 +110,69 @@ def _probe(bwrap: str) -> tuple[str, str]:
     return "", ""
 
 
+def _interpreter(cfg: Sandbox) -> tuple[str, str]:
+    """('', '') when the grader's Python starts in a trial sandbox and reads there everything
+    it imports from, as a kernel would; else (what it cannot read, how to fix it)."""
+    import json
+    import sys
+    from . import command
+    hidden = [os.getcwd()]          # hidden from kernels and jobs (wrap, course_paths)
+    covered = [*command.default_hidden([*hidden, *cfg.hide_paths]), *command.PRIVATE_TMP]
+    paths = [p for p in command.interpreter_paths()
+             if os.path.exists(p) and not command.uncovers(p, covered)]
+    modules = [m for m in ("ipykernel", *command.course_packages(cfg.private_packages))
+               if _findable(m)]
+    argv = command.build(cfg, [sys.executable, "-c", _IMPORT_TRIAL, json.dumps([paths, modules])],
+                         workdir="/", binds={}, hidden=hidden)
+    who = f"uid {_sandbox_uid(cfg)}"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        found = json.loads(proc.stdout) if proc.returncode == 0 else None
+        detail = f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"
+    except (OSError, subprocess.TimeoutExpired, ValueError) as err:
+        found, detail = None, f"{type(err).__name__}: {err}"
+    if found is None:
+        return (f"the grader's Python ({sys.executable}) does not start in a trial sandbox "
+                f"(as {who}; {detail}), so no kernel could"), PATHS_FIX
+    if found["unreadable"] or found["missing"]:
+        what = [f"folders it imports from are unreadable: {', '.join(found['unreadable'])}"
+                ] if found["unreadable"] else []
+        what += [f"packages a kernel imports are not importable: {', '.join(found['missing'])}"
+                 ] if found["missing"] else []
+        return (f"the grader's Python ({sys.executable}) runs in a trial sandbox (as {who}) but "
+                f"{'; '.join(what)}; kernels would die before replying to kernel_info"), PATHS_FIX
+    return "", ""
+
+
+def _findable(module: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(key: tuple) -> tuple[str, str]:
+    """('', '') when trial sandboxes run here, else (why not, how to fix it); `key` holds what
+    the answer depends on (see problem())."""
+    bwrap, uid, hide, readonly, private = key[:5]
+    cfg = Sandbox(bwrap=bwrap, uid=uid, hide_paths=list(hide), readonly_paths=list(readonly),
+                  private_packages=list(private))
+    found = _namespaces(cfg)
+    return found if found[0] else _interpreter(cfg)
+
+
 def problem(cfg: Sandbox | None = None) -> str:
     """'' when grading may go ahead: the sandbox works, or it is explicitly disabled."""
     cfg = cfg or Sandbox()
     if not cfg.enabled:
         return ""
-    why, fix = _probe(cfg.bwrap)
+    import sys
+    key = (cfg.bwrap, cfg.uid, tuple(cfg.hide_paths), tuple(cfg.readonly_paths),
+           tuple(cfg.private_packages), sys.executable, tuple(sys.path), os.getcwd(),
+           os.environ.get("PYTHONPATH", ""), _sandbox_uid(cfg))
+    why, fix = _probe(key)
     return f"The grading sandbox is unavailable: {why}. {fix}" if why else ""
 
 

@@ -11,6 +11,10 @@ bwrap then also unshares a user namespace (unprivileged user namespaces must be 
 check.py), the program runs under the grader's own uid mapped into it, with no capabilities
 and no way to make further user namespaces, and every tree it can see is read-only except its
 scratch folder and its private /tmp. Hidden trees are read-only empty directories either way.
+
+The grader's Python is shown wherever it lives (interpreter_paths: its prefixes and every
+sys.path entry, also under /tmp, /root or /home), read-only, each bound alone into the hidden
+or private tree around it; never a path whose showing would uncover a hidden tree whole.
 """
 from __future__ import annotations
 
@@ -42,18 +46,60 @@ def default_hidden(extra=()) -> list[str]:
     return _existing_unique(paths)
 
 
-def default_exposed(extra=(), private=()) -> list[str]:
-    """What the interpreter needs even where it lies under a hidden tree: the Python
-    environment and the source folders of packages installed in editable mode, except the
+# Trees every sandbox replaces with a private, writable tmpfs of its own.
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def interpreter_paths() -> list[str]:
+    """Where the grader's Python lives and imports from: its prefixes, its bin folder and every
+    sys.path entry (site-packages, .pth and PYTHONPATH entries). A kernel or torchrun job
+    started from this interpreter needs all of them, wherever they are: a venv under /tmp, a
+    pyenv build under /root, a user site under /home. '' (the working folder) is not one."""
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable),
+             *(p for p in sys.path if p)]
+    return list(dict.fromkeys(os.path.abspath(p) for p in paths))
+
+
+def course_packages(private=()) -> dict[str, str]:
+    """{package: source folder} of the packages installed in editable mode, except the
     `private` ones (instructor tooling: tpcourse holds example solutions)."""
-    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, *extra]
     mapping = {}
     for name, mod in list(sys.modules.items()):
         if name.startswith("__editable__") and hasattr(mod, "MAPPING"):
             mapping.update(mod.MAPPING)
     mapping.update(_editable_mappings())
-    paths.extend(path for pkg, path in mapping.items() if pkg not in private)
-    return _existing_unique(paths)
+    return {pkg: path for pkg, path in mapping.items() if pkg not in private}
+
+
+def default_exposed(extra=(), private=()) -> list[str]:
+    """What the interpreter needs even where it lies under a hidden or private tree: the Python
+    environment (interpreter_paths) and the source folders of packages installed in editable
+    mode, except the `private` ones. build() shows none that would uncover a hidden tree."""
+    paths = [*interpreter_paths(), *extra, *course_packages(private).values()]
+    return [p for p in dict.fromkeys(os.path.abspath(p) for p in paths if p) if os.path.exists(p)]
+
+
+def uncovers(path: str, covered) -> bool:
+    """Would showing `path` show a covered tree (hidden or private tmp) whole? The working
+    folder or the checkout on sys.path, or /tmp on PYTHONPATH, stay hidden."""
+    return any(_under(c, path) for c in covered)
+
+
+def exposures(paths, covered) -> list[tuple[str, str]]:
+    """The read-only binds (host source, sandbox path) that make `paths` readable where they
+    lie under a `covered` tree: each at its real location and, when reached through a symlink,
+    at its own path too; none that uncovers a covered tree, none inside another."""
+    wanted = {}
+    for path in paths:
+        for dest in dict.fromkeys([os.path.abspath(path), os.path.realpath(path)]):
+            if (os.path.exists(dest) and any(_under(dest, c) for c in covered)
+                    and not uncovers(dest, covered)):
+                wanted[dest] = os.path.realpath(dest)
+    binds = []
+    for dest in sorted(wanted, key=len):
+        if not any(_under(dest, inside) for _, inside in binds):
+            binds.append((wanted[dest], dest))
+    return binds
 
 
 def _editable_mappings() -> dict[str, str]:
@@ -109,13 +155,12 @@ def build(cfg: Sandbox, command: list[str], *, workdir: str, binds: dict[str, st
             argv.append("--disable-userns")  # no nested namespace to regain capabilities in
     argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     tree = _Tree(argv)
-    for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
+    for tmp in PRIVATE_TMP:
         tree.mount(["--perms", "1777", "--size", size, "--tmpfs"], tmp)
     for path in hidden:
         tree.mount(["--tmpfs"], path)
-    for path in exposed:
-        if any(_under(path, h) for h in hidden):
-            tree.mount(["--ro-bind", path], path)
+    for source, path in exposures(exposed, [*hidden, *PRIVATE_TMP]):
+        tree.mount(["--ro-bind", source], path)
     argv += ["--ro-bind", _hosts_file(), "/etc/hosts"]  # "sandbox" resolves, to loopback
     if cfg.gpu:
         for node in sorted(glob.glob("/dev/nvidia*")) + (["/dev/dri"] if os.path.exists("/dev/dri") else []):

@@ -54,11 +54,14 @@ class Sandbox(Configurable):
 
     hide_paths = List(Unicode(), help=(
         "Extra host paths the student must not see (the course root, the exchange, the sqlite "
-        "gradebook, the project checkout, /root, /home and /run are always hidden).")
+        "gradebook, the project checkout, /root, /home and /run are always hidden; /tmp, "
+        "/var/tmp and /dev/shm are private). The grader's Python environment stays readable "
+        "inside them: its prefix and every sys.path entry, so keep secrets off sys.path.")
     ).tag(config=True)
     readonly_paths = List(Unicode(), help=(
-        "Host paths inside a hidden one that the kernel still needs, read-only (the Python "
-        "environment and the course's installed packages are added automatically).")
+        "Host paths inside a hidden or private tree that the kernel still needs, read-only "
+        "(the Python environment, every sys.path entry and the course's installed packages "
+        "are added automatically).")
     ).tag(config=True)
     private_packages = List(Unicode(), ["tpcourse"], help=(
         "Editable-installed packages whose source stays hidden (instructor tooling; tpcourse "

@@ -63,10 +63,30 @@ def ensure_tables(db_url: str, course_id: str) -> None:
 
 def recorded(db_url: str, course_id: str, assignment: str, stage="autograde") -> dict[str, str]:
     """{student: digest} of the submissions whose grades are in the gradebook."""
+    return {s: digest for s, (digest, _) in records(db_url, course_id, assignment, stage).items()}
+
+
+def records(db_url: str, course_id: str, assignment: str,
+            stage="autograde") -> dict[str, tuple[str, dt.datetime]]:
+    """{student: (digest, graded_at)}; empty where nothing was ever recorded (reading only:
+    a shard reads the course gradebook this way and must not write it)."""
+    from sqlalchemy import inspect
     with gradebook(db_url, course_id) as gb:
-        rows = gb.db.execute(select(GRADED.c.student, GRADED.c.digest).where(
-            GRADED.c.assignment == assignment, GRADED.c.stage == stage)).all()
-        return {student: digest for student, digest in rows}
+        if not inspect(gb.engine).has_table(GRADED.name):
+            return {}
+        rows = gb.db.execute(select(GRADED.c.student, GRADED.c.digest, GRADED.c.graded_at)
+                             .where(GRADED.c.assignment == assignment,
+                                    GRADED.c.stage == stage)).all()
+        return {student: (digest, at) for student, digest, at in rows}
+
+
+def hash_tree(h, base) -> None:
+    """Feed every file under `base` (relative name and bytes, in a fixed order) to hash `h`:
+    a digest of what a grade depends on."""
+    from pathlib import Path
+    base = Path(base)
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(base)).encode() + b"\0" + path.read_bytes() + b"\0")
 
 
 def has_gpu_cells(db_url: str, course_id: str, assignment: str) -> bool:
@@ -123,8 +143,9 @@ def read_result(worker_url: str, course_id: str, assignment: str, student: str) 
 
 
 def write_result(gb, assignment: str, student: str, result: dict, digest: str,
-                 stage="autograde") -> None:
-    """Copy `result` into the course gradebook and record `digest`: one transaction."""
+                 stage="autograde", graded_at: dt.datetime | None = None) -> None:
+    """Copy `result` into the course gradebook and record `digest` (and `graded_at`, default
+    now): one transaction."""
     from nbgrader.api import Student
     db = gb.db
     try:
@@ -144,7 +165,7 @@ def write_result(gb, assignment: str, student: str, result: dict, digest: str,
             for c in nb.comments:
                 if c.name in got["comments"]:
                     c.auto_comment = got["comments"][c.name]
-        _record(db, assignment, student, stage, digest)
+        _record(db, assignment, student, stage, digest, graded_at)
         db.flush()
         _fault_before_commit()
         db.commit()
@@ -162,11 +183,11 @@ def record_only(gb, assignment: str, student: str, digest: str, stage: str) -> N
         raise
 
 
-def _record(db, assignment, student, stage, digest):
+def _record(db, assignment, student, stage, digest, graded_at=None):
     key = (GRADED.c.assignment == assignment) & (GRADED.c.student == student) & (GRADED.c.stage == stage)
     db.execute(GRADED.delete().where(key))
     db.execute(GRADED.insert().values(assignment=assignment, student=student, stage=stage,
-                                      digest=digest, graded_at=dt.datetime.utcnow()))
+                                      digest=digest, graded_at=graded_at or dt.datetime.utcnow()))
 
 
 def _submission(gb, assignment, student):

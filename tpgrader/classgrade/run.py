@@ -1,5 +1,7 @@
 """Grade a whole assignment: parallel sandboxed autograde, one gradebook writer, then the
-gpu_runner (when the assignment has gpu_* grade cells), feedback and export. Resumable."""
+gpu_runner (when the assignment has gpu_* grade cells), feedback and export. Resumable.
+Scale-out (tpgrader/classgrade/shards.py): shards grade into folders of their own, one merge
+writes them into the course gradebook."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +17,7 @@ from pathlib import Path
 from tpjudge import reach
 
 from . import gradebook as gbk
+from . import shards as shd
 from .. import load_config
 
 
@@ -43,6 +46,8 @@ class ClassGrader:
     export: bool = True
     progress: bool = True
     log: callable = print
+    shard: tuple | None = None      # (I, N): grade students I, I+N, ... into shard_dir only
+    shard_dir: Path | None = None
 
     def __post_init__(self):
         self.root = Path(self.root).resolve()
@@ -51,7 +56,20 @@ class ClassGrader:
         from nbgrader.coursedir import CourseDirectory
         cd = CourseDirectory(config=self.config)
         self.db_url, self.course_id = cd.db_url, cd.course_id
+        # Where grades and notebooks go: the course, or a shard's own folder.
+        self.out_url, self.autograded = self.db_url, self.root / "autograded"
         self.stage = self.root / ".grade_class" / self.assignment
+        self.logs, self.hide = self.root / ".grade_class", ()
+        if self.shard is not None:
+            if self.shard_dir is None:
+                raise GraderError("a shard needs a folder of its own (--shard-dir DIR)")
+            out = shd.ShardDir(Path(self.shard_dir).resolve())
+            if out.path == Path("/") or out.path == self.root:
+                raise GraderError(f"--shard-dir {out.path}: give a folder of its own")
+            self.shard_out = out
+            self.out_url, self.autograded, self.stage = out.url, out.autograded, out.stage
+            self.logs, self.hide = out.path, (str(out.path),)   # other students' grades
+            self.gpu, self.feedback, self.export = "skip", False, False
         os.environ["PATH"] = _env()["PATH"]  # nbgrader runs `alembic` when it creates a gradebook
 
     # -- what to grade -----------------------------------------------------------------------
@@ -70,8 +88,7 @@ class ClassGrader:
         h = hashlib.sha256()
         for base in (self.root / "submitted" / student / self.assignment,
                      self.root / "source" / self.assignment):
-            for path in sorted(p for p in base.rglob("*") if p.is_file()):
-                h.update(str(path.relative_to(base)).encode() + b"\0" + path.read_bytes() + b"\0")
+            gbk.hash_tree(h, base)
         return h.hexdigest()
 
     # -- the run -----------------------------------------------------------------------------
@@ -81,15 +98,25 @@ class ClassGrader:
         if why:
             raise GraderError(why)
         _check_assignment(self.db_url, self.course_id, self.assignment)
-        gbk.ensure_tables(self.db_url, self.course_id)
         students = self.submissions()
-        done = {} if self.force else gbk.recorded(self.db_url, self.course_id, self.assignment)
+        if self.shard is not None:
+            students = shd.pick(students, *self.shard)
+            shd.prepare(self.shard_out, self.db_url, self.course_id, self.assignment,
+                        shd.source_digest(self.root, self.assignment))
+        else:
+            gbk.ensure_tables(self.db_url, self.course_id)
         digests = {s: self.digest(s) for s in students}
-        todo = [s for s in students if done.get(s) != digests[s]]
+        done = set() if self.force else self._done(digests)
+        todo = [s for s in students if s not in done]
         outcomes = {s: Outcome(s, "unchanged") for s in students if s not in todo}
         if todo:
             outcomes.update(self._autograde(todo, digests, len(students)))
         graded = [s for s in todo if outcomes[s].status == "graded"]
+        if self.shard is not None and gbk.has_gpu_cells(self.db_url, self.course_id,
+                                                        self.assignment):
+            self.log(f"{self.assignment}: gpu_* cells are left to gpu_runner (--shard "
+                     f"{self.shard[0]}/{self.shard[1]} --no-gradebook, then --load-reports "
+                     "after the merge)")
         if self.gpu != "skip" and gbk.has_gpu_cells(self.db_url, self.course_id, self.assignment):
             self._gpu_stage(students, digests, outcomes)
         if self.feedback:
@@ -99,6 +126,50 @@ class ClassGrader:
         self._read_scores(outcomes)
         return [outcomes[s] for s in students]
 
+    def _done(self, digests) -> set[str]:
+        """The students whose submission, as it is now, is graded already: in the course
+        gradebook (a shard only reads it) or in the shard's own."""
+        return {s for url in dict.fromkeys([self.db_url, self.out_url])
+                for s, digest in gbk.recorded(url, self.course_id, self.assignment).items()
+                if digests.get(s) == digest}
+
+    def merge(self, folders) -> list[Outcome]:
+        """Write the shards in `folders` into the course gradebook (its one writer): each
+        student's newest grade over the shards, unless the course holds one at least as new;
+        grade, digest and grading time in one transaction. Then feedback and export."""
+        found = [shd.ShardDir(Path(f).resolve()) for f in folders]
+        _check_assignment(self.db_url, self.course_id, self.assignment)
+        try:
+            shd.check(found, self.course_id, self.assignment,
+                      shd.source_digest(self.root, self.assignment))
+        except ValueError as err:
+            raise GraderError(f"nothing merged: {err}") from None
+        gbk.ensure_tables(self.db_url, self.course_id)
+        current = gbk.records(self.db_url, self.course_id, self.assignment)
+        outcomes = {}
+        with gbk.gradebook(self.db_url, self.course_id) as gb:
+            for student, (shard, digest, at) in sorted(shd.newest(found, self.course_id,
+                                                                   self.assignment).items()):
+                if student in current and current[student][1] >= at:
+                    outcomes[student] = Outcome(student, "unchanged")
+                    continue
+                dest = self.autograded / student / self.assignment
+                try:
+                    result = gbk.read_result(shard.url, self.course_id, self.assignment, student)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shd.copy_notebooks(shard.autograded / student / self.assignment, dest)
+                except (OSError, ValueError) as err:   # a damaged shard costs its students
+                    outcomes[student] = Outcome(student, "error", f"{shard.path}: {err}")
+                    continue
+                gbk.write_result(gb, self.assignment, student, result, digest, graded_at=at)
+                outcomes[student] = Outcome(student, "graded")
+        if self.feedback:
+            self._feedback([s for s, o in outcomes.items() if o.status == "graded"])
+        if self.export:
+            self._nbgrader("export", f"--to={self.root / 'grades.csv'}")
+        self._read_scores(outcomes)
+        return list(outcomes.values())
+
     def _autograde(self, todo, digests, total) -> dict[str, Outcome]:
         shutil.rmtree(self.stage, ignore_errors=True)  # leftovers of a killed run count for nothing
         self.stage.mkdir(parents=True)
@@ -106,12 +177,16 @@ class ClassGrader:
         ctx = mp.get_context("spawn")
         tasks, results = ctx.Queue(), ctx.Queue()
         uid_base = _uid_base(self.config)
+        if uid_base is not None and self.shard is not None:
+            # shards sharing a machine: sandbox uids of their own (independent process limits)
+            uid_base += 200 + self.shard[0] * self.workers
         n = min(self.workers, len(todo))
         procs = {}
 
         def start(i):
             procs[i] = ctx.Process(target=_serve, daemon=True,
-                                   args=(i, str(self.root), os.getpid(), tasks, results, uid_base))
+                                   args=(i, str(self.root), os.getpid(), tasks, results, uid_base,
+                                         str(self.logs), self.hide))
             procs[i].start()
 
         for s in todo:
@@ -121,7 +196,7 @@ class ClassGrader:
         outcomes, busy = {}, {}
         bar = _bar(total, total - len(todo), self.progress)
         try:
-            with gbk.gradebook(self.db_url, self.course_id) as gb:
+            with gbk.gradebook(self.out_url, self.course_id) as gb:
                 while len(outcomes) < len(todo):
                     try:
                         kind, i, student, res = results.get(timeout=1)
@@ -169,7 +244,7 @@ class ClassGrader:
             return Outcome(student, "error", res["error"])
         result = res["result"]
         src = self.stage / student / "autograded" / student / self.assignment
-        dest = self.root / "autograded" / student / self.assignment
+        dest = self.autograded / student / self.assignment
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(src, dest)
@@ -215,7 +290,7 @@ class ClassGrader:
 
     def _read_scores(self, outcomes):
         from nbgrader.api import MissingEntry
-        with gbk.gradebook(self.db_url, self.course_id) as gb:
+        with gbk.gradebook(self.out_url, self.course_id) as gb:
             for o in outcomes.values():
                 try:
                     sub = gb.find_submission(self.assignment, o.student)

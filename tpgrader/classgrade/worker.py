@@ -27,21 +27,25 @@ def _die_with_parent() -> None:
         pass
 
 
-def serve(index: int, root: str, parent_pid: int, tasks, results, uid_base: int | None) -> None:
-    """Worker process main loop: take (assignment, student, stage_dir) tasks until None."""
+def serve(index: int, root: str, parent_pid: int, tasks, results, uid_base: int | None,
+          log_dir: str, hide=()) -> None:
+    """Worker process main loop: take (assignment, student, stage_dir) tasks until None.
+    `hide`: folders the student's code must not see besides the course's (a shard's)."""
     _die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
     if uid_base is not None:
         os.environ[UID_ENV] = str(uid_base + index)  # per-worker uid: independent process limits
     os.chdir(root)
-    log_path = Path(root) / ".grade_class" / f"worker-{index}.log"
+    log_path = Path(log_dir) / f"worker-{index}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a", buffering=1)
     os.dup2(log.fileno(), 1)  # kernels and nbgrader write here, not over the progress bar
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
     config = load_config(root)
+    if hide:
+        config.Sandbox.hide_paths = [*config.Sandbox.get("hide_paths", []), *hide]
     from . import speedups
     speedups.install()
     while True:
