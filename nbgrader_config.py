@@ -23,6 +23,11 @@ c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedE
 # `nbgrader autograde`. Grading refuses if bubblewrap is missing: run `.ci/setup-system.sh`
 # (as root), or opt out explicitly (unsafe) with c.Sandbox.enabled = False.
 # Limits: c.Sandbox.memory_mb, cpu_seconds, max_processes, ... (tpsandbox/settings.py).
+# The world sizes the gpu_runner grades tp_torch's gpu_* cells at: a course setting, the same on
+# every grading machine (NCCL with one rank per GPU only where there are max(world_sizes) GPUs,
+# gloo on CPU otherwise; never more or fewer sizes because of the GPU count).
+c.GpuRunner.world_sizes = [1, 2, 3, 4]
+
 from tpgrader import configure  # noqa: E402
 
 configure(c)
