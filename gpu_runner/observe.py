@@ -70,6 +70,16 @@ class Ctx:
     def report(self, key, value):
         self.obs[key] = value
 
+    def observe(self, key, fn):
+        """Report the tensor fn() returns (None for none); fn() and its encoding run in a phase
+        (the tensor is the student's: a subclass of it may raise), the value is returned."""
+        def run():
+            value = fn()
+            return value, encode_tensor(value)
+        value, rec = self.phase(run)
+        self.report(key, rec)
+        return value
+
     # -- data -------------------------------------------------------------------------------
     def tensor(self, array, dtype=None, requires_grad=False):
         """The unit's numpy data as a tensor on this rank's device (a copy)."""
@@ -273,10 +283,9 @@ def column_forward(ctx: Ctx):
     make, case = _maker(ctx, "column")
     layer = ctx.phase(make)
     x = ctx.tensor(case.x)
-    ctx.report("y", encode_tensor(ctx.phase(lambda: _counted(ctx, "counts", lambda: layer(x)))))
-    y1, y3 = ctx.phase(lambda: (layer(ctx.tensor(case.x[0])), layer(ctx.tensor(case.x3))))
-    ctx.report("y1", encode_tensor(y1))
-    ctx.report("y3", encode_tensor(y3))
+    ctx.observe("y", lambda: _counted(ctx, "counts", lambda: layer(x)))
+    ctx.observe("y1", lambda: layer(ctx.tensor(case.x[0])))
+    ctx.observe("y3", lambda: layer(ctx.tensor(case.x3)))
 
 
 def backward(ctx: Ctx, kind):
@@ -286,9 +295,9 @@ def backward(ctx: Ctx, kind):
                                                       requires_grad=True)))
     y = ctx.phase(lambda: _shaped(layer(xs), case.g.shape))
     ctx.phase(lambda: _counted(ctx, "counts", lambda: (y * ctx.tensor(case.g)).sum().backward()))
-    ctx.report("gx", encode_tensor(xs.grad))
-    ctx.report("gw", ctx.phase(lambda: encode_tensor(layer.weight.grad)))
-    ctx.report("gb", ctx.phase(lambda: encode_tensor(layer.bias.grad)))
+    ctx.observe("gx", lambda: xs.grad)
+    ctx.observe("gw", lambda: layer.weight.grad)
+    ctx.observe("gb", lambda: layer.bias.grad)
 
 
 def column_local(ctx: Ctx):
@@ -297,29 +306,27 @@ def column_local(ctx: Ctx):
     make, case = _maker(ctx, "column", gather_output=False)
     lo, hi = ctx.shard(case.w.shape[0])
     layer, xs = ctx.phase(lambda: (make(), ctx.tensor(case.x, requires_grad=True)))
-    y = ctx.phase(lambda: _counted(ctx, "counts.forward", lambda: layer(xs)))
-    ctx.report("y", encode_tensor(y))
+    y = ctx.observe("y", lambda: _counted(ctx, "counts.forward", lambda: layer(xs)))
     ctx.phase(lambda: _shaped(y, (data.BATCH, hi - lo)))
     ctx.phase(lambda: _counted(ctx, "counts.backward",
                                lambda: (y * ctx.tensor(case.g[:, lo:hi])).sum().backward()))
-    ctx.report("gx", encode_tensor(xs.grad))
+    ctx.observe("gx", lambda: xs.grad)
 
 
 def row_forward(ctx: Ctx):
     make, case = _maker(ctx, "row")
     layer = ctx.phase(make)
     x = ctx.tensor(_input(ctx, "row", case))
-    ctx.report("y", encode_tensor(ctx.phase(lambda: _counted(ctx, "counts", lambda: layer(x)))))
+    ctx.observe("y", lambda: _counted(ctx, "counts", lambda: layer(x)))
 
 
 def row_full(ctx: Ctx):
     """input_is_parallel=False: the full input comes in."""
     make, case = _maker(ctx, "row", input_is_parallel=False)
     layer, xs = ctx.phase(lambda: (make(), ctx.tensor(case.x, requires_grad=True)))
-    y = ctx.phase(lambda: layer(xs))
-    ctx.report("y", encode_tensor(y))
+    y = ctx.observe("y", lambda: layer(xs))
     ctx.phase(lambda: (_shaped(y, case.g.shape) * ctx.tensor(case.g)).sum().backward())
-    ctx.report("gx", encode_tensor(xs.grad))
+    ctx.observe("gx", lambda: xs.grad)
 
 
 def float64(ctx: Ctx, kind):
@@ -344,11 +351,10 @@ def float64(ctx: Ctx, kind):
     def forward():
         with torch.device("meta"):
             return module(xs)
-    y = ctx.phase(forward)
-    ctx.report("y", encode_tensor(y))
+    y = ctx.observe("y", forward)
     ctx.phase(lambda: (_shaped(y, case.g.shape) * ctx.tensor(case.g, torch.float64)).sum()
               .backward())
-    ctx.report("gx", encode_tensor(xs.grad))
+    ctx.observe("gx", lambda: xs.grad)
 
 
 # -- MLP --------------------------------------------------------------------------------------
@@ -390,7 +396,7 @@ def mlp_forward(ctx: Ctx):
     make, case = _mlp_maker(ctx)
     mlp, _ = ctx.phase(make)
     x = ctx.tensor(case.x)
-    ctx.report("y", encode_tensor(ctx.phase(lambda: _counted(ctx, "counts", lambda: mlp(x)))))
+    ctx.observe("y", lambda: _counted(ctx, "counts", lambda: mlp(x)))
 
 
 def mlp_backward(ctx: Ctx):
@@ -398,7 +404,7 @@ def mlp_backward(ctx: Ctx):
     (mlp, p), xs = ctx.phase(lambda: (make(), ctx.tensor(case.x, requires_grad=True)))
     y = ctx.phase(lambda: _shaped(mlp(xs), case.g.shape))
     ctx.phase(lambda: _counted(ctx, "counts", lambda: (y * ctx.tensor(case.g)).sum().backward()))
-    ctx.report("gx", encode_tensor(xs.grad))
+    ctx.observe("gx", lambda: xs.grad)
     ctx.report("grads", ctx.phase(lambda: {k: encode_tensor(p[k].grad) for k in p}))
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -40,23 +41,31 @@ def check(src_path: Path, root: Path, reports: Path, cfg, assignment: str, log=p
     except (OSError, ValueError, AttributeError):
         pass
     source_nb = extract.read(src_path)
-    module = folder / "solution.py"
-    extract.write_module(source_nb, source_nb, module)
+    folder.mkdir(parents=True, exist_ok=True)
+    # a folder of this run's own: shards of one class (Slurm, Kubernetes) may share `reports`
+    run = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
+    extract.write_module(source_nb, source_nb, run / "solution.py")
     plan = make_plan(cfg.sizes, timing=False)
     try:
-        rep = grade_module(NAME, module, folder, plan, cfg, assignment, src_path.stem,
-                           extract.gpu_cells(source_nb))
+        rep = grade_module(NAME, run / "solution.py", run, plan, cfg, assignment,
+                           src_path.stem, extract.gpu_cells(source_nb))
     except EnvironmentFailure as exc:
         raise Refused(f"the reference solution of {src_path} could not be graded: {exc}; "
                       f"nothing graded") from exc
-    report.write(rep, folder)
+    report.write(rep, run)
     if rep["score"] < rep["max_score"]:
         raise Refused(failure(rep, src_path, cfg))
-    tmp = passed.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "score": rep["score"]}))
-    os.replace(tmp, passed)
+    _replace(folder / "report.json", json.dumps(rep, indent=1))
+    _replace(passed, json.dumps({"key": key, "score": rep["score"], "run": str(run)}))
     log(f"gpu_runner: reference solution: full marks ({rep['seconds']:.1f}s)")
     return rep
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `text` to `path` at once (concurrent graders read it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def failure(rep: dict, src_path, cfg) -> str:
