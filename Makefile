@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system demo test release bench bench-class grade clean
+.PHONY: venv system demo test release bench bench-class grade gpu-check clean
 
 venv: $(STAMP) system
 
@@ -45,6 +45,15 @@ bench-class: venv
 # Grade a whole class: make grade ASSIGNMENT=tp_linear (sandboxed, parallel, resumable).
 grade: venv
 	$(BIN)/python -m tpcourse.grade_class $(ASSIGNMENT)
+
+# On a GPU runner (installed as gpu_runner/README.md says, keeping its CUDA torch): CUDA and NCCL
+# at world size 1 in the sandbox, the reference at full marks, two wrong example students losing
+# their cells, then one line: gpu-check: PASS / FAIL. Without a GPU it says so and exits 77
+# ("skipped"; make reports it as Error 77). Not part of `make test`. No venv rebuild here: it
+# would install the CPU torch pin over the runner's CUDA one.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) -m gpu_runner.gpu_check
 
 clean:
 	rm -rf $(VENV) demo_output bench_output

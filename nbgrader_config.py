@@ -18,6 +18,11 @@ c.Execute.interrupt_on_timeout = True
 # What students see in place of a solution.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 
+# The world sizes the gpu_runner grades tp_torch's gpu_* cells at: a course setting, the same on
+# every grading machine (NCCL with one rank per GPU only where there are max(world_sizes) GPUs,
+# gloo on CPU otherwise; never more or fewer sizes because of the GPU count).
+c.GpuRunner.world_sizes = [1, 2, 3, 4]
+
 # Student code runs sandboxed (tpsandbox: bubblewrap namespaces, an unprivileged uid, resource
 # limits, no view of source/, the gradebook or other students), also under a plain
 # `nbgrader autograde`, and every test cell is decided by the judge (tpjudge): in nbgrader's own

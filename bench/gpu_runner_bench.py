@@ -7,7 +7,8 @@ submissions (tpcourse.examples.torch_students, no faults), graded with
 `python -m gpu_runner.grade --no-gradebook`; then, REPEATS times, a bare `torchrun` of the
 same world size whose workers only `import torch`. Prints seconds per submission (wall
 clock of the whole command / submissions, and the mean launch time from the reports) and the
-ratio to the bare launch: what the checks add on top of the cost of starting the ranks.
+ratio to the bare launch: what the checks add on top of the cost of starting the ranks. The
+whole command includes grading the reference solution once (one launch) before the students.
 """
 from __future__ import annotations
 
@@ -48,16 +49,16 @@ def main() -> None:
     ap.add_argument("--no-timing", action="store_true")
     args = ap.parse_args()
     from gpu_runner.grade import backend_and_sizes
-    backend, sizes = backend_and_sizes(args.backend, args.world_sizes)
     students = (cat.STUDENTS + cat.WRONG)[:args.students]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         course = Course.create(tmp / "course", ["tp_torch"])
+        backend, sizes = backend_and_sizes(course.root, args.backend, args.world_sizes)
         for sub in students:
             course.place_submission(sub.student, "tp_torch", build(sub))
         cmd = [sys.executable, "-m", "gpu_runner.grade", "tp_torch", "--course-root",
-               str(course.root), "--no-gradebook", "--backend", backend,
-               "--world-sizes", ",".join(map(str, sizes))]
+               str(course.root), "--no-gradebook", "--backend", backend]
+        cmd += ["--world-sizes", args.world_sizes] if args.world_sizes else []
         cmd += ["--no-timing"] if args.no_timing else []
         start = time.perf_counter()
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

@@ -11,11 +11,20 @@ cells, write <reports>/<student>/report.json and timing.png, and set the cells' 
 comments in the gradebook (after `nbgrader autograde`, before `nbgrader export` /
 `generate_feedback`). One student's failure never stops the others.
 
+The world sizes are the course's (`c.GpuRunner.world_sizes` in nbgrader_config.py, default
+1-4), the same on every machine; the backend follows gpu_runner.machine's rules. Before any
+student, the source notebook's own solution is graded the same way (gpu_runner.reference):
+short of full marks, nobody is graded (exit 2).
+
 Every torchrun job runs in the grading sandbox (tpsandbox: bubblewrap, an unprivileged
 uid, no network but loopback, resource limits, the course hidden), configured by the course's
 nbgrader_config.py (`c.Sandbox.*`) like the notebook kernels. Where the sandbox cannot run,
 nothing is graded (exit 2, with the reason and the fix) unless that file says
 `c.Sandbox.enabled = False`.
+
+Exit status: 0 everyone graded; 1 some student could not be graded (no submission, not
+autograded, an environment failure during their launch); 2 nothing graded (the grader cannot
+do its job here: the sandbox, the backend, or the reference short of full marks).
 """
 from __future__ import annotations
 
@@ -25,16 +34,14 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from . import extract, gradebook, report
-from .launch import Config, job_pythonpath, run_submission
+from . import extract, gradebook, machine, reference, report
+from .launch import Config, grade_module, job_environment
 from .plan import make_plan
 from .versions import warn_if_untested
+from .settings import course_world_sizes
 
 FLAGS_ENV = "GPU_RUNNER_FLAGS"
 
@@ -51,9 +58,11 @@ def parse_args(argv=None):
     ap.add_argument("--reports", default=None,
                     help="report folder (default: <course-root>/gpu_reports/<assignment>)")
     ap.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
-                    help="auto: NCCL with one rank per GPU when there are enough GPUs, else gloo")
+                    help="auto: NCCL with one rank per GPU when there are at least "
+                         "max(world sizes) GPUs, else gloo")
     ap.add_argument("--world-sizes", default=None,
-                    help="comma-separated, e.g. 1,2,3,4 (default: 1-4 on CPU, 1-#GPUs on NCCL)")
+                    help="override the course's c.GpuRunner.world_sizes (experiments only: "
+                         "grades then differ from the course's), e.g. 1,2")
     ap.add_argument("--timeout", type=float, default=900.0,
                     help="wall-clock limit of one torchrun launch, seconds")
     ap.add_argument("--pg-timeout", type=float, default=60.0,
@@ -75,25 +84,30 @@ def parse_args(argv=None):
     return ap.parse_args(shlex.split(os.environ.get(FLAGS_ENV, "")) + list(argv))
 
 
-def _gpu_count() -> int:
+def world_sizes(root: Path, override: str | None) -> tuple[int, ...]:
+    """The course's world sizes, or the --world-sizes override (with a warning)."""
+    course = course_world_sizes(root)
+    if not override:
+        return course
     try:
-        import torch
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:       # a broken CUDA set-up: grade on CPU
-        return 0
+        sizes = tuple(sorted({int(s) for s in override.split(",")}))
+    except ValueError:
+        raise machine.Refused(f"--world-sizes {override!r}: expected e.g. 1,2,3,4") from None
+    if not sizes or min(sizes) < 1:
+        raise machine.Refused(f"--world-sizes {override!r}: sizes must be positive")
+    if sizes != course:
+        print(f"gpu_runner: WARNING: --world-sizes {','.join(map(str, sizes))} overrides the "
+              f"course's c.GpuRunner.world_sizes = {list(course)}: these grades differ from the "
+              f"course's", file=sys.stderr, flush=True)
+    return sizes
 
 
-def backend_and_sizes(backend: str, sizes: str | None):
-    gpus = 0 if backend == "gloo" else _gpu_count()    # gloo: no need to import torch here
-    wanted = [int(s) for s in sizes.split(",")] if sizes else None
-    if backend == "auto":
-        need = max(wanted) if wanted else 2
-        backend = "nccl" if gpus >= need else "gloo"
-    if wanted is None:
-        wanted = list(range(1, gpus + 1)) if backend == "nccl" else [1, 2, 3, 4]
-    if backend == "nccl" and max(wanted) > gpus:
-        raise SystemExit(f"nccl needs one GPU per rank: world size {max(wanted)} > {gpus} GPUs")
-    return backend, tuple(sorted(set(wanted)))
+def backend_and_sizes(root: Path, backend: str, override: str | None):
+    """(backend, world sizes): the sizes are the course's whatever the machine; the backend is
+    NCCL only where there is one GPU per rank of the largest size."""
+    sizes = world_sizes(root, override)
+    gpus = 0 if backend == "gloo" else machine.gpu_count()   # gloo: no need to import torch
+    return machine.choose_backend(backend, sizes, gpus), sizes
 
 
 def source_notebook(root: Path, assignment: str) -> Path:
@@ -134,28 +148,6 @@ def confinement(root: Path, reports: Path, db_url: str, backend: str):
     return for_torchrun(str(root), gpu=gpu, readonly=readonly, hidden=hidden, config=config)
 
 
-def preflight(src_path: Path, wrap=None, scratch: Path | None = None) -> None:
-    """Run the source notebook's setup cell once, alone (in the sandbox, when there is one):
-    if it fails here, every submission would fail on import through no fault of its own, so
-    grade nobody and say why."""
-    code = "\n\n".join(extract.setup_cells(extract.read(src_path)))
-    env = {**os.environ, "PYTHONPATH": job_pythonpath()}
-    argv, where = [sys.executable, "-c", code], "outside the notebook"
-    if wrap is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        argv, where = wrap(argv, scratch, {"PYTHONPATH": env["PYTHONPATH"]}), "in the sandbox"
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300,
-                              cwd=str(scratch) if wrap is not None else None)
-    finally:
-        if wrap is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"gpu_runner: the setup cell of {src_path} fails {where}; "
-                         f"nothing graded:\n{proc.stderr[-2000:]}")
-
-
 def students(root: Path, assignment: str, wanted, shard) -> list[str]:
     names = wanted or sorted(p.parent.name for p in (root / "submitted").glob(f"*/{assignment}")
                              if p.is_dir())
@@ -174,10 +166,8 @@ def grade_student(student, args, root, src_path, cfg, reports) -> dict:
     module = folder / "solution.py"
     missing = extract.write_module(source_nb, extract.read(sub_path), module)
     plan = make_plan(cfg.sizes, timing=not args.no_timing)
-    start = time.monotonic()
-    results, launches = run_submission(module, folder / "runs", plan, cfg)
-    rep = report.build(student, args.assignment, src_path.stem, extract.gpu_cells(source_nb),
-                       plan, results, launches, cfg, time.monotonic() - start)
+    rep = grade_module(student, module, folder, plan, cfg, args.assignment, src_path.stem,
+                       extract.gpu_cells(source_nb))
     rep["missing_cells"] = missing
     report.write(rep, folder)
     return rep
@@ -192,6 +182,33 @@ def _uid_per_shard(root: Path, shard: int) -> None:
     os.environ[UID_ENV] = str(base + 100 + shard)
 
 
+def set_up(args, root, reports, db_url, src_path, names) -> Config:
+    """The run's configuration, the machine's notes, and the reference graded first; raises
+    machine.Refused when the grader cannot grade here."""
+    backend, sizes = backend_and_sizes(root, args.backend, args.world_sizes)
+    if args.shard:
+        _uid_per_shard(root, int(args.shard.split("/")[0]))
+    try:
+        wrap = confinement(root, reports, db_url, backend)
+    except SandboxRefused as exc:
+        raise machine.Refused(str(exc)) from exc
+    cfg = Config(sizes=sizes, backend=backend, pg_timeout=args.pg_timeout,
+                 step_timeout=args.step_timeout, wall_timeout=args.timeout,
+                 max_launches=args.max_launches, wrap=wrap)
+    print(f"gpu_runner: {len(names)} submission(s) of {args.assignment}, backend {backend}, "
+          f"world sizes {','.join(map(str, sizes))}, "
+          f"{'sandboxed' if wrap else 'NOT sandboxed'}", flush=True)
+    dropped = job_environment(backend)[1]
+    if dropped:
+        print(f"gpu_runner: site network settings not passed to the jobs (the sandbox has only "
+              f"its loopback): {', '.join(dropped)}", flush=True)
+    for item in machine.untested(backend):
+        print(f"gpu_runner: untested on this machine: {item}", flush=True)
+    if names:
+        reference.check(src_path, root, reports, cfg, args.assignment)
+    return cfg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     warn_if_untested()
@@ -203,23 +220,11 @@ def main(argv=None) -> int:
     failures = 0
     cfg = None
     if not args.load_reports:
-        backend, sizes = backend_and_sizes(args.backend, args.world_sizes)
-        if args.shard:
-            _uid_per_shard(root, int(args.shard.split("/")[0]))
         try:
-            wrap = confinement(root, reports, db_url, backend)
-        except SandboxRefused as exc:
+            cfg = set_up(args, root, reports, db_url, src_path, names)
+        except machine.Refused as exc:
             print(f"gpu_runner: nothing graded. {exc}", file=sys.stderr, flush=True)
             return 2
-        if names:
-            # a folder of this process's own: shards on many machines share the reports folder
-            preflight(src_path, wrap, reports / f".preflight-{os.uname().nodename}-{os.getpid()}")
-        cfg = Config(sizes=sizes, backend=backend, pg_timeout=args.pg_timeout,
-                     step_timeout=args.step_timeout, wall_timeout=args.timeout,
-                     max_launches=args.max_launches, wrap=wrap)
-        print(f"gpu_runner: {len(names)} submission(s) of {args.assignment}, backend {backend}, "
-              f"world sizes {','.join(map(str, sizes))}, "
-              f"{'sandboxed' if wrap else 'NOT sandboxed'}", flush=True)
     for student in names:
         try:
             if args.load_reports:

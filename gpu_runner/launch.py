@@ -9,7 +9,12 @@ reason, and the rest run in a relaunch, at most `max_launches` launches in all.
 Layout of one launch, <workdir>/launch<N>/: torchrun.log and supervisor.json (the grader's)
 and ranks/, the job's working folder, where each rank appends its records. With a
 confinement (`Config.wrap`, the grading sandbox) the job can write nothing but ranks/ and
-reads the submission from a copy there; the grader then reads ranks/ without following links.
+reads the submission from a copy there; the grader then reads ranks/ without following links,
+at most records.MAX_BYTES_PER_RANK per rank, and judges what the ranks observed here, in its
+own process (gpu_runner.judge).
+
+A launch whose process groups could not be set up (or that never started) says nothing about
+the student: `EnvironmentFailure`, the student is not graded.
 """
 from __future__ import annotations
 
@@ -21,10 +26,14 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import machine, report
+from .judge import judge
 from .plan import Unit, skipped_by_fault
+from .records import MAX_BYTES_PER_RANK
 
 _FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")
 
@@ -50,6 +59,11 @@ class Config:
     @property
     def unit_timeout(self) -> float:
         return self.step_timeout or 2 * self.pg_timeout
+
+
+class EnvironmentFailure(RuntimeError):
+    """The launch could not set up its process groups or never started: nothing of the
+    student's ran, so nothing can be scored (the student is reported as not graded)."""
 
 
 @dataclass
@@ -88,21 +102,45 @@ def run_submission(module: Path, workdir: Path, plan: list[Unit], cfg: Config):
 
 
 def _launch_hint(launches):
+    """Why the last launch gave no result, in words a student can use (no grader paths)."""
     if not launches or launches[-1].get("completed"):
         return ""
     last = launches[-1]
-    return f" (torchrun exit {last['rc']}{', wall-clock limit reached' if last['timed_out'] else ''}; see {last['log']})"
+    return (f" (torchrun exit {last['rc']}"
+            f"{', wall-clock limit reached' if last['timed_out'] else ''})")
+
+
+def grade_module(name, module: Path, folder: Path, plan, cfg, assignment, notebook, cells):
+    """Grade one extracted module (a student's, or the source's own solution): its launches,
+    then its report (the caller writes it). Raises EnvironmentFailure."""
+    start = time.monotonic()
+    results, launches = run_submission(module, folder / "runs", plan, cfg)
+    return report.build(name, assignment, notebook, cells, plan, results, launches, cfg,
+                        time.monotonic() - start)
 
 
 # What a confined job gets from the launch's environment (a sandbox starts from an empty one):
-# these names, NCCL_* tuning, and Config.env.
-_JOB_ENV = ("PYTHONPATH", "LD_LIBRARY_PATH", "TORCH_NCCL_BLOCKING_WAIT", "OMP_NUM_THREADS")
+# these names, the NCCL_*/TORCH_NCCL_*/GLOO_* settings machine.job_env leaves, and Config.env.
+_JOB_ENV = ("PYTHONPATH", "LD_LIBRARY_PATH", "OMP_NUM_THREADS")
+_JOB_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_")
 
 
 def job_pythonpath() -> str:
     """A job's PYTHONPATH: this checkout first (the ranks import gpu_runner), then ours."""
     return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                          os.environ.get("PYTHONPATH")]))
+
+
+def job_environment(backend) -> tuple[dict, list[str]]:
+    """(the environment of a launch, the site variables dropped from it): machine.job_env's
+    rules, one BLAS thread per rank, and this checkout on PYTHONPATH."""
+    env, dropped = machine.job_env(dict(os.environ), backend)
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": job_pythonpath()}, dropped
+
+
+def confined_env(env: dict) -> dict:
+    """What a confined job gets of `env` (the sandbox starts from an empty environment)."""
+    return {k: v for k, v in env.items() if k in _JOB_ENV or k.startswith(_JOB_PREFIXES)}
 
 
 def job_dir(out) -> Path:
@@ -128,14 +166,9 @@ def _launch(module, out, todo, cfg, index):
                 "--sizes", ",".join(map(str, sorted(cfg.sizes))),
                 "--backend", cfg.backend, "--pg-timeout", str(cfg.pg_timeout),
                 "--step-timeout", str(cfg.unit_timeout), "--launch", str(index)]
-    # NCCL: a timed-out collective raises in the rank (recorded as a fault) instead of the
-    # watchdog aborting the whole process.
-    nccl = {"TORCH_NCCL_BLOCKING_WAIT": "1"} if cfg.backend == "nccl" else {}
-    env = {**os.environ, **nccl, **cfg.env, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": job_pythonpath()}
+    env = {**job_environment(cfg.backend)[0], **cfg.env}
     if cfg.wrap is not None:
-        inner = {k: v for k, v in env.items() if k in _JOB_ENV or k.startswith("NCCL_")}
-        torchrun = cfg.wrap(torchrun, job, {**inner, **cfg.env})
+        torchrun = cfg.wrap(torchrun, job, {**confined_env(env), **cfg.env})
     # The grader's files sit next to ranks/, out of the job's reach (a confined job could
     # otherwise plant a link where the supervisor writes its result).
     result_file = out / "supervisor.json"
@@ -150,12 +183,9 @@ def _launch(module, out, todo, cfg, index):
             "killed": len(sup["killed"]), "log": str(log)}
 
 
-_MAX_RECORDS = 64 * 1024 * 1024
-
-
 def _read_records(out):
     """{rank: [records]} from ranks/rank<R>.jsonl: regular files only, never through a link
-    (the job owns the folder)."""
+    (the job owns the folder), at most MAX_BYTES_PER_RANK each (a line cut there is dropped)."""
     records = {}
     for path in job_dir(out).glob("rank*.jsonl"):
         try:
@@ -166,7 +196,7 @@ def _read_records(out):
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue
-            text = f.read(_MAX_RECORDS).decode("utf-8", errors="replace")
+            text = f.read(MAX_BYTES_PER_RANK).decode("utf-8", errors="replace")
         rows = []
         for line in text.splitlines():
             try:
@@ -180,27 +210,39 @@ def _read_records(out):
 
 
 def _interpret(records, todo, cfg, sup, log, results) -> int:
-    """Fill `results` from one launch's records; returns how many units got a result."""
+    """Fill `results` from one launch's records; returns how many units got a result. Raises
+    EnvironmentFailure when the launch never got as far as the student's code."""
     world = cfg.world
     ends, starts, watchdog = {}, {}, {}
-    import_errors = []
+    import_errors, env_errors = [], []
     for rank, rows in records.items():
         for row in rows:
-            ev = row["event"]
-            if ev == "start":
-                starts.setdefault(row["unit"], set()).add(rank)
-            elif ev == "end":
-                ends.setdefault(row["unit"], {})[rank] = row
+            ev, unit = row.get("event"), row.get("unit")
+            if ev == "start" and isinstance(unit, str):
+                starts.setdefault(unit, set()).add(rank)
+            elif ev == "end" and isinstance(unit, str):
+                ends.setdefault(unit, {})[rank] = row
             elif ev == "watchdog":
                 watchdog[rank] = row
             elif ev == "import_error":
-                import_errors.append((rank, row["error"]))
+                import_errors.append(str(row.get("error", ""))[:500])
+            elif ev == "env_error":
+                env_errors.append(f"rank {rank}: {str(row.get('error', ''))[:500]}")
+    for w in watchdog.values():
+        if w.get("unit") == "setup":
+            env_errors.append(f"setting up the process groups took over {w.get('seconds')}s")
+    if env_errors or not records:
+        why = env_errors[0] if env_errors else (
+            f"no rank started (torchrun exit {sup['rc']}"
+            f"{', wall-clock limit reached' if sup['timed_out'] else ''})")
+        raise EnvironmentFailure(f"the process groups could not be set up, before any student "
+                                 f"code ran: {why}; see {log}")
     if not import_errors and any(w.get("unit") == "import" for w in watchdog.values()):
-        import_errors = [(0, f"still importing after {cfg.unit_timeout:.0f}s")]
+        import_errors = [f"still importing after {cfg.unit_timeout:.0f}s"]
     if import_errors:
-        rank, error = import_errors[0]
         for u in todo:
-            results[u.id] = _failed(u, "failed", f"the solution cells fail on import: {error}")
+            results[u.id] = _failed(u, "failed",
+                                    f"the solution cells fail on import: {import_errors[0]}")
         return len(todo)
 
     before = len(results)
@@ -214,7 +256,9 @@ def _interpret(records, todo, cfg, sup, log, results) -> int:
             continue   # never reached (an earlier fault ended the launch)
         reason = _fault_reason(u, members, got, starts.get(u.id, set()), watchdog, sup, log)
         results[u.id] = _failed(u, "fault", reason)
-        for other in skipped_by_fault(u, [t for t in todo if t.id not in results]):
+        kind = next((got[r].get("fault_kind") for r in members
+                     if r in got and got[r].get("fault")), None)
+        for other in skipped_by_fault(u, [t for t in todo if t.id not in results], kind):
             results[other.id] = _failed(other, "skipped",
                                         f"not run after the fault in {u.id}")
         break
@@ -231,7 +275,9 @@ def _fault_reason(u, members, got, started, watchdog, sup, log):
     for r in members:
         story = None
         if r in got and got[r].get("fault"):
-            story = f"collective failed: {_short(got[r]['fault'])}"
+            story = (f"a sticky CUDA error, the rank was relaunched: {_short(str(got[r]['fault']))}"
+                     if got[r].get("fault_kind") == "cuda" else
+                     f"collective failed: {_short(str(got[r]['fault']))}")
         elif watchdog.get(r, {}).get("unit") == u.id:
             story = f"still running after {watchdog[r]['seconds']:.0f}s (infinite loop or hang), killed"
         elif r in started and r not in got:
@@ -283,25 +329,24 @@ def _signal_name(num):
 
 
 def _merge(u: Unit, ends: dict) -> UnitResult:
-    """A sub-check passes when it passed on every rank of the group."""
-    checks = {}
-    for name in u.checks():
-        bad = [(gr, row["checks"].get(name, [False, "not reported"])[1])
-               for gr, row in sorted(ends.items())
-               if not row["checks"].get(name, [False])[0]]
-        detail = ""
-        if bad:   # a phase failure already names its rank
-            detail = bad[0][1] if bad[0][1].startswith("rank ") else \
-                f"rank {bad[0][0]} of {u.size}: {bad[0][1]}"
-        checks[name] = (not bad, detail)
-    statuses = {row["status"] for row in ends.values()}
-    errors = [row["error"] for row in ends.values() if row.get("error")]
-    timing = None
-    if u.kind == "timing" and all("timing" in row for row in ends.values()):
-        per_rank = [row["timing"] for row in ends.values()]
-        timing = {k: sum(t[k] for t in per_rank) / len(per_rank) for k in per_rank[0]}
-    status = "ok" if statuses == {"ok"} else "failed"
-    return UnitResult(u, checks, status, errors[0] if errors else "", timing)
+    """A unit's result from its ranks' "end" records (group rank -> record): the verdicts are
+    the judge's; the ranks only reported what they observed."""
+    checks = judge(u, ends) if u.graded else {}
+    statuses = {row.get("status") for row in ends.values()}
+    errors = [row["error"] for row in ends.values() if isinstance(row.get("error"), str)
+              and row["error"]]
+    return UnitResult(u, checks, "ok" if statuses == {"ok"} else "failed",
+                      errors[0] if errors else "", _timing(u, ends))
+
+
+def _timing(u: Unit, ends: dict) -> dict | None:
+    """The mean over the ranks of their measured times (ungraded: as the ranks say)."""
+    keys = ("total_ms", "comm_ms", "compute_ms")
+    rows = [row.get("timing") for row in ends.values()]
+    if u.kind != "timing" or not all(isinstance(t, dict) and all(
+            isinstance(t.get(k), (int, float)) for k in keys) for t in rows):
+        return None
+    return {k: sum(t[k] for t in rows) / len(rows) for k in keys}
 
 
 def _failed(u: Unit, status: str, reason: str) -> UnitResult:

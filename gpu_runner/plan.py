@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 STEPS = {
     "errors": ("nopg", "shape"),
-    "column": ("shards", "forward", "backward", "local"),
-    "row": ("shards", "forward", "backward", "full"),
-    "mlp": ("forward", "backward"),
+    "column": ("shards", "forward", "backward", "local", "float64"),
+    "row": ("shards", "forward", "backward", "full", "float64"),
+    "mlp": ("forward", "backward", "float64"),
 }
 TIMED_LAYERS = ("column", "row", "mlp")
 
@@ -33,14 +33,18 @@ CHECKS = {
     ("column", "backward"): ("column.grad_weight", "column.grad_bias", "column.grad_input"),
     ("column", "local"): ("column.forward_local", "column.grad_input_local",
                           "counts.column_forward*", "counts.column_backward*"),
+    ("column", "float64"): ("column.forward_float64", "column.grad_float64"),
     ("row", "shards"): ("row.shards", "row.default_init"),
     ("row", "forward"): ("row.forward", "counts.row_forward*"),
     ("row", "backward"): ("row.grad_weight", "row.grad_bias", "row.grad_input",
                           "counts.row_backward*"),
     ("row", "full"): ("row.forward_full", "row.grad_input_full"),
+    ("row", "float64"): ("row.forward_float64", "row.grad_float64"),
     ("mlp", "forward"): ("mlp.forward", "counts.mlp_forward*"),
     ("mlp", "backward"): ("mlp.grad_weights", "mlp.grad_biases", "mlp.grad_input",
                           "counts.mlp_backward*"),
+    # the device and dtype rules: a float64 run with meta as the default device (observe.float64)
+    ("mlp", "float64"): ("mlp.forward_float64", "mlp.grad_float64"),
 }
 
 
@@ -92,9 +96,13 @@ def make_plan(sizes, timing: bool = True) -> list[Unit]:
     return units
 
 
-def skipped_by_fault(fault: Unit, pending: list[Unit]) -> list[Unit]:
+def skipped_by_fault(fault: Unit, pending: list[Unit], kind: str = "comm") -> list[Unit]:
     """Units not to retry after `fault`: the same layer (its checks or its timing) at the same
-    or larger world sizes."""
+    or larger world sizes (a deadlocking forward would deadlock again there). After a sticky
+    CUDA error (kind "cuda": the rank's CUDA context was unusable) none: the relaunch gets a
+    fresh context, and only the unit that caused it loses its points."""
+    if kind == "cuda":
+        return []
     layer = fault.step if fault.kind == "timing" else fault.kind
     return [u for u in pending if u != fault and u.size >= fault.size
             and layer in (u.kind, u.step if u.kind == "timing" else None)]

@@ -4,15 +4,19 @@ Score of a gpu_* cell = points * (its sub-checks passed / its sub-checks planned
 sub-check is one check of one unit at one world size ("column.forward@3"); plan.CHECKS and
 plan.cell_of say which cell it counts towards. Sub-checks of a unit that faulted, was skipped
 after a fault or never ran count as failed, with the reason as their detail.
+
+The comment of a cell (the gradebook's, shown in the feedback) lists every failed check with
+its diagnosis, once per check with the world sizes it failed at; it names nothing the student
+cannot see (no grader paths: those stay in the report's "launches").
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from . import machine
 from .plan import planned_checks
-
-MAX_LISTED = 6
 
 
 def build(student, assignment, notebook, cells, plan, results, launches, cfg, seconds) -> dict:
@@ -27,7 +31,9 @@ def build(student, assignment, notebook, cells, plan, results, launches, cfg, se
     for gid, points in cells.items():
         ids = [c for c, cell in planned.items() if cell == gid]
         passed = [c for c in ids if checks[c]["ok"]]
-        score = round(points * len(passed) / len(ids), 3) if ids else 0.0
+        # a cell none of whose checks apply at the course's sizes (the collective counts at
+        # world size 1) has nothing a submission can lose: its points are everyone's
+        score = round(points * len(passed) / len(ids), 3) if ids else float(points)
         report_cells[gid] = {"score": score, "points": points, "passed": len(passed),
                              "total": len(ids),
                              "comment": _comment(gid, ids, checks, cfg)}
@@ -41,6 +47,8 @@ def build(student, assignment, notebook, cells, plan, results, launches, cfg, se
         "score": round(sum(c["score"] for c in report_cells.values()), 3),
         "max_score": sum(c["points"] for c in report_cells.values()),
         "seconds": round(seconds, 2), "launches": launches,
+        "untested": machine.untested(cfg.backend),
+        "environment_dropped": machine.job_env(dict(os.environ), cfg.backend)[1],
         "cells": report_cells, "faults": faults, "skipped_after_fault": skipped,
         "timing": _timing(results), "checks": checks,
     }
@@ -48,15 +56,21 @@ def build(student, assignment, notebook, cells, plan, results, launches, cfg, se
 
 def _comment(gid, ids, checks, cfg) -> str:
     if not ids:
-        return "gpu_runner: no checks are defined for this cell"
+        return (f"gpu_runner ({cfg.backend}, world sizes {', '.join(map(str, sorted(cfg.sizes)))}"
+                f"): nothing of this cell is checked at these world sizes (it needs 2 or more)")
     failed = [c for c in ids if not checks[c]["ok"]]
     head = (f"gpu_runner ({cfg.backend}, world sizes {', '.join(map(str, sorted(cfg.sizes)))}): "
             f"{len(ids) - len(failed)}/{len(ids)} checks passed.")
     if not failed:
         return head
-    lines = [f"- {c}: {checks[c]['detail']}" for c in failed[:MAX_LISTED]]
-    if len(failed) > MAX_LISTED:
-        lines.append(f"- ... and {len(failed) - MAX_LISTED} more (see the gpu_runner report)")
+    by_check: dict[str, list[str]] = {}
+    for c in failed:
+        by_check.setdefault(c.split("@")[0], []).append(c)
+    lines = []
+    for name, ids_ in by_check.items():
+        sizes = ", ".join(c.split("@")[1] for c in ids_)
+        lines.append(f"- {name} (world size{'s' if len(ids_) > 1 else ''} {sizes}): "
+                     f"{checks[ids_[0]]['detail']}")
     return head + " Failed:\n" + "\n".join(lines)
 
 

@@ -4,9 +4,17 @@
         --module solution.py --out DIR --units column.forward@2,... --sizes 1,2,3,4
 
 Every rank appends JSON lines to DIR/rank<R>.jsonl, flushed as it goes, so whatever happens
-to the job the launcher knows which units finished: "start" and "end" per unit (with its
-sub-check results), "watchdog" when a unit ran past --step-timeout (then the rank exits),
-"abort" when the group gave up after a collective failed, "bye" on a clean exit.
+to the job the launcher knows which units finished: "start" and "end" per unit (with what the
+unit observed, gpu_runner.observe: data only, judged in the grader by gpu_runner.judge),
+"watchdog" when a unit ran past --step-timeout (then the rank exits), "abort" when the group
+gave up after a collective failed, "env_error" when the process groups could not be set up,
+"bye" on a clean exit.
+
+Order: the rank's GPU is selected (NCCL), the process groups are created and warmed up (one
+collective each), and only then is the student's module imported: a set-up that hangs or fails
+is the environment's, reported as such (the student is not graded), never charged to the
+student. The checks of "no process group" run with the default group hidden
+(observe.no_default_group).
 
 Groups: the default group has all W ranks; world size p < W runs on a sub-group of the last p
 ranks (dist.new_group, created once by every rank in the same order). Each size also gets a
@@ -16,6 +24,7 @@ gloo control group, used only by the harness to agree on phases and faults, so t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -28,10 +37,11 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from . import checks, counting, timing
+from . import counting, machine, observe, timing
+from .data import seed_of
 from .plan import Unit
 
-EXIT_ABORT, EXIT_WATCHDOG = 3, 4
+EXIT_ABORT, EXIT_WATCHDOG, EXIT_ENV = 3, 4, 5
 
 
 class Recorder:
@@ -52,12 +62,13 @@ class Watchdog(threading.Thread):
     def __init__(self, seconds, rec):
         super().__init__(daemon=True)
         self.seconds, self.rec = seconds, rec
-        self.unit, self.deadline = None, None
+        self.unit, self.deadline, self.limit = None, None, seconds
         self.lock = threading.Lock()
 
-    def arm(self, unit):
+    def arm(self, unit, seconds=None):
         with self.lock:
-            self.unit, self.deadline = unit, time.monotonic() + self.seconds
+            self.limit = seconds or self.seconds
+            self.unit, self.deadline = unit, time.monotonic() + self.limit
 
     def disarm(self):
         with self.lock:
@@ -68,9 +79,9 @@ class Watchdog(threading.Thread):
             time.sleep(0.2)
             with self.lock:
                 late = self.deadline is not None and time.monotonic() > self.deadline
-                unit = self.unit
+                unit, limit = self.unit, self.limit
             if late:
-                self.rec.write(event="watchdog", unit=unit, seconds=self.seconds)
+                self.rec.write(event="watchdog", unit=unit, seconds=limit)
                 os._exit(EXIT_WATCHDOG)
 
 
@@ -107,56 +118,54 @@ def main(argv=None):
     watchdog = Watchdog(args.step_timeout, rec)
     watchdog.start()
 
+    device = torch.device("cpu")
+    if args.backend == "nccl":
+        torch.cuda.set_device(local_rank)          # before any student code
+        device = torch.device("cuda", local_rank)
+        counting.use_dispatch(True)
+    # the process groups' own timeouts bound their set-up; this only catches a hang beyond them
+    watchdog.arm("setup", max(args.step_timeout, 3 * args.pg_timeout + 60))
+    try:
+        groups = set_up_groups(args, rank, world, device, local_rank)
+    except BaseException as exc:  # noqa: BLE001 - the environment, not the student
+        rec.write(event="env_error", error=observe.describe(exc),
+                  traceback=traceback.format_exc()[-4000:])
+        finish(rec, EXIT_ENV)
+    watchdog.disarm()
+
     watchdog.arm("import")
     try:
         module = load_module(args.module)
     except BaseException as exc:  # noqa: BLE001 - anything the solution cells do on import
-        rec.write(event="import_error", error=checks.describe(exc),
+        rec.write(event="import_error", error=observe.describe(exc),
                   traceback=traceback.format_exc()[-4000:])
         finish(rec, 0)
     watchdog.disarm()
 
-    for unit in [u for u in units if u.step == "nopg"]:
-        run_unit(unit, checks.Ctx(module, None, 1, 0, torch.device("cpu"), None, 1), rec, watchdog)
-
-    device = torch.device("cpu")
-    if args.backend == "nccl":
-        # a timed-out collective raises in this rank (recorded as a fault) instead of NCCL's
-        # watchdog aborting the process
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        counting.use_dispatch(True)
-    timeout = datetime.timedelta(seconds=args.pg_timeout)
-    control_timeout = datetime.timedelta(seconds=3 * args.pg_timeout)
-    if dist.is_initialized():      # a solution that "helpfully" initialised it itself
-        dist.destroy_process_group()
-    dist.init_process_group(args.backend, timeout=timeout)
-    groups = {world: (None, dist.new_group(backend="gloo", timeout=control_timeout))}
-    for p in sorted(int(s) for s in args.sizes.split(",")):
-        if p < world:
-            ranks = list(range(world - p, world))
-            groups[p] = (dist.new_group(ranks, timeout=timeout),
-                         dist.new_group(ranks, backend="gloo", timeout=control_timeout))
     control_all = groups[world][1]
-
+    # NCCL accepts an uneven all_gather that gloo refuses: the ranks refuse it the same way
+    strict = observe.EqualAllGather if args.backend == "nccl" else contextlib.nullcontext
     for unit in units:
-        if unit.step == "nopg":
-            continue
         members = unit.members(world)
         fault = None
-        if rank in members:
+        seed = seed_of(unit.kind, unit.step)
+        if unit.step == "nopg":          # on every rank, with the default group hidden
+            fault = run_unit(unit, observe.Ctx(module, None, 1, 0, device, None, seed), rec,
+                             watchdog)
+        elif rank in members:
             group, control = groups[unit.size]
-            ctx = checks.Ctx(module, group, unit.size, rank - members.start, device, control,
-                             seed=hash_unit(unit))
-            fault = run_unit(unit, ctx, rec, watchdog)
+            ctx = observe.Ctx(module, group, unit.size, rank - members.start, device, control,
+                              seed)
+            with strict() if unit.graded else contextlib.nullcontext():
+                fault = run_unit(unit, ctx, rec, watchdog)
         else:
             rec.write(event="idle", unit=unit.id)
         try:
             faults = [None] * world
             dist.all_gather_object(faults, fault, group=control_all)
         except Exception as exc:  # a rank is gone or stuck: nothing more can run here
-            rec.write(event="abort", unit=unit.id, reason=f"control sync: {checks.describe(exc)}")
+            rec.write(event="abort", unit=unit.id,
+                      reason=f"control sync: {observe.describe(exc)}")
             finish(rec, EXIT_ABORT)
         if any(faults):
             rec.write(event="abort", unit=unit.id,
@@ -165,13 +174,39 @@ def main(argv=None):
     finish(rec, 0)
 
 
-def hash_unit(unit: Unit) -> int:
-    """Same data on every rank and in every relaunch: a seed from the unit's name."""
-    return sum(ord(c) * (i + 1) for i, c in enumerate(f"{unit.kind}.{unit.step}")) % 100_000
+def set_up_groups(args, rank, world, device, local_rank):
+    """{size: (the student's group (None: the default one), the harness's gloo control group)},
+    every one warmed up, before the student's module exists."""
+    timeout = datetime.timedelta(seconds=args.pg_timeout)
+    control_timeout = datetime.timedelta(seconds=3 * args.pg_timeout)
+    dist.init_process_group(args.backend, timeout=timeout,
+                            **machine.init_options(args.backend, local_rank))
+    groups = {world: (None, dist.new_group(backend="gloo", timeout=control_timeout))}
+    for p in sorted(int(s) for s in args.sizes.split(",")):
+        if p < world:
+            ranks = list(range(world - p, world))
+            groups[p] = (dist.new_group(ranks, timeout=timeout),
+                         dist.new_group(ranks, backend="gloo", timeout=control_timeout))
+    warm_up(groups, rank, world, device)
+    return groups
+
+
+def warm_up(groups, rank, world, device):
+    """One all-reduce on every group this rank belongs to, and a barrier on its control group:
+    a communicator that cannot be set up fails here, charged to the environment."""
+    for size, (group, control) in sorted(groups.items()):
+        if rank < world - size:
+            continue
+        t = torch.ones(1, device=device)
+        dist.all_reduce(t, group=group)
+        if t.item() != size:
+            raise RuntimeError(f"warm-up all-reduce over {size} ranks gave {t.item()}")
+        dist.barrier(group=control)
 
 
 def run_unit(unit: Unit, ctx, rec, watchdog):
-    """Run one unit on this rank and record it; returns a fault description or None."""
+    """Run one unit on this rank and record what it observed; returns a fault description or
+    None."""
     rec.write(event="start", unit=unit.id)
     watchdog.arm(unit.id)
     status, error, extra = "ok", "", {}
@@ -179,21 +214,18 @@ def run_unit(unit: Unit, ctx, rec, watchdog):
         if unit.kind == "timing":
             extra["timing"] = ctx.phase(lambda: timing.measure(ctx, unit.step))
         else:
-            checks.UNITS[(unit.kind, unit.step)](ctx)
-    except checks.PhaseFailed as exc:
+            observe.UNITS[(unit.kind, unit.step)](ctx)
+    except observe.PhaseFailed as exc:
         status, error = "failed", str(exc)
     except Exception as exc:  # the harness itself on bad student objects: a failed unit
-        status, error = "failed", checks.describe(exc)
-        if checks.is_comm_error(exc):
-            ctx.comm_error = exc
+        status, error = "failed", observe.describe(exc)
+        ctx.note_fault(exc)
     watchdog.disarm()
-    fault = None
-    if ctx.comm_error is not None:
-        status, fault = "comm_fault", checks.describe(ctx.comm_error)
-    results = {name: ctx.results.get(name, (False, error or "not reached"))
-               for name in unit.checks()}
+    kind, fault = ctx.fault or (None, None)
+    if fault is not None:
+        status = f"{kind}_fault"
     rec.write(event="end", unit=unit.id, status=status, error=error, fault=fault,
-              checks=results, **extra)
+              fault_kind=kind, obs=ctx.obs, **extra)
     return fault
 
 

@@ -1,17 +1,22 @@
 """gpu_runner, the fast parts: plan, extraction, counting names, the process supervisor, the
-scale-out files and the catalogue. (The torchrun end-to-end tests are test_gpu_runner_slow.py.)"""
+scale-out files, the catalogue, the machine rules (backend, world sizes, the jobs' environment,
+faults) with a mocked GPU count, the judge on synthetic and malformed reports, and the rank side
+with the judge on forked gloo ranks (tests/forked_runner.py). (The torchrun end-to-end tests, in
+the sandbox, are test_gpu_runner_slow.py.)"""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from gpu_runner import extract
+from gpu_runner import extract, machine
 from gpu_runner.counting import kind
 from gpu_runner.grade import backend_and_sizes, parse_args
 from gpu_runner.plan import Unit, cell_of, make_plan, planned_checks, skipped_by_fault
@@ -109,16 +114,6 @@ def test_catalogue_is_consistent():
         assert sub.loses, sub.student
 
 
-def test_backend_choice_without_gpus():
-    backend, sizes = backend_and_sizes("auto", None)
-    if backend == "gloo":
-        assert sizes == (1, 2, 3, 4)
-    assert backend_and_sizes("gloo", "3,1,2") == ("gloo", (1, 2, 3))
-    if not _gpus():
-        with pytest.raises(SystemExit):
-            backend_and_sizes("nccl", "1,2")
-
-
 def test_students_and_shards(tmp_path):
     from gpu_runner.grade import students
     for name in ("d", "a", "c", "b", "e"):
@@ -128,11 +123,6 @@ def test_students_and_shards(tmp_path):
     shards = [students(tmp_path, "tp_torch", [], f"{i}/2") for i in range(2)]
     assert shards == [["a", "c", "e"], ["b", "d"]]
     assert students(tmp_path, "tp_torch", ["c"], None) == ["c"]
-
-
-def _gpus():
-    import torch
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def test_supervisor_kills_workers_that_left_the_session(tmp_path):
@@ -349,19 +339,413 @@ def test_readme_documents_every_flag():
         assert f"`{flag}" in readme, flag
 
 
-def test_broken_setup_cell_grades_nobody(source_nb, tmp_path):
-    """If the source's setup cell cannot run outside the notebook, every student would get 0
-    for an import error that is not theirs: the runner refuses instead."""
-    import copy
+# -- the machine rules: the same grade on every machine ----------------------------------------
+def _course_root(tmp_path, extra=""):
+    root = tmp_path / "course"
+    root.mkdir()
+    (root / "nbgrader_config.py").write_text((REPO / "nbgrader_config.py").read_text() + extra)
+    return root
 
-    import nbformat
 
-    from gpu_runner.grade import preflight
-    nb = copy.deepcopy(source_nb)
-    for cell in nb.cells:
-        if cell.metadata.get("nbgrader", {}).get("grade_id") == "setup":
-            cell.source = "import no_such_module_anywhere"
-    path = tmp_path / "tp_torch.ipynb"
-    nbformat.write(nb, str(path))
-    with pytest.raises(SystemExit, match="no_such_module_anywhere"):
-        preflight(path)
+def test_the_same_checks_and_points_on_every_machine(tmp_path, monkeypatch, source_nb):
+    """Planning the grading on machines with 0, 1, 2, 4 and 8 GPUs: the course's world sizes,
+    the same sub-checks and points everywhere; only the backend differs (NCCL from 4 GPUs)."""
+    root = _course_root(tmp_path)
+    cells = extract.gpu_cells(source_nb)
+    plans = {}
+    for gpus in (0, 1, 2, 4, 8):
+        monkeypatch.setattr(machine, "gpu_count", lambda gpus=gpus: gpus)
+        backend, sizes = backend_and_sizes(root, "auto", None)
+        planned = planned_checks(make_plan(sizes))
+        plans[gpus] = (backend, sizes, {cell: (cells[cell], sorted(c for c, g in planned.items()
+                                                                    if g == cell))
+                                        for cell in cells})
+    assert {g: p[0] for g, p in plans.items()} == {0: "gloo", 1: "gloo", 2: "gloo", 4: "nccl",
+                                                   8: "nccl"}
+    assert {p[1] for p in plans.values()} == {(1, 2, 3, 4)}
+    assert len({repr(p[2]) for p in plans.values()}) == 1
+    assert sum(points for points, _ in plans[0][2].values()) == sum(cat.GPU_CELLS.values())
+    monkeypatch.setattr(machine, "gpu_count", lambda: 2)
+    with pytest.raises(machine.Refused, match="world size 4 > 2 GPUs"):
+        backend_and_sizes(root, "nccl", None)
+    monkeypatch.setattr(machine, "gpu_count", lambda: 8)
+    assert backend_and_sizes(root, "gloo", None) == ("gloo", (1, 2, 3, 4))
+
+
+def test_world_sizes_are_a_course_setting(tmp_path, capsys):
+    from gpu_runner.settings import course_world_sizes
+    assert "c.GpuRunner.world_sizes = [1, 2, 3, 4]" in (REPO / "nbgrader_config.py").read_text()
+    assert course_world_sizes(REPO) == (1, 2, 3, 4)
+    root = _course_root(tmp_path, "c.GpuRunner.world_sizes = [2, 1, 2]\n")
+    assert backend_and_sizes(root, "gloo", None) == ("gloo", (1, 2))
+    assert "WARNING" not in capsys.readouterr().err
+    assert backend_and_sizes(root, "gloo", "3,1") == ("gloo", (1, 3))
+    assert "grades differ from the course's" in capsys.readouterr().err
+    with pytest.raises(machine.Refused):
+        backend_and_sizes(root, "gloo", "0,2")
+
+
+def test_job_environment_pins_the_network_and_drops_the_sites():
+    site = {"PATH": "/bin", "NCCL_DEBUG": "INFO", "NCCL_P2P_DISABLE": "1",
+            "NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5_0", "NCCL_NET": "IB",
+            "NCCL_NET_PLUGIN": "aws-ofi", "NCCL_COLLNET_ENABLE": "1",
+            "NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_BLOCKING_WAIT": "0",
+            "GLOO_SOCKET_IFNAME": "eth0"}
+    env, dropped = machine.job_env(site, "nccl")
+    assert {k: env[k] for k in ("NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "GLOO_SOCKET_IFNAME")} \
+        == {"NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    assert {k: env[k] for k in machine.PINNED_NCCL} == machine.PINNED_NCCL
+    assert env["TORCH_NCCL_BLOCKING_WAIT"] == "1"
+    for gone in ("NCCL_IB_HCA", "NCCL_NET", "NCCL_NET_PLUGIN", "NCCL_COLLNET_ENABLE",
+                 "NCCL_ASYNC_ERROR_HANDLING"):
+        assert gone not in env and gone in dropped, gone
+    assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_P2P_DISABLE"] == "1" and env["PATH"] == "/bin"
+    assert "NCCL_SOCKET_IFNAME" in dropped and "PATH" not in dropped
+    gloo, _ = machine.job_env(site, "gloo")
+    assert not any(k.startswith("TORCH_NCCL_") for k in gloo) and gloo["GLOO_SOCKET_IFNAME"] == "lo"
+    from gpu_runner.launch import confined_env
+    assert set(confined_env({**env, "SECRET_TOKEN": "x"})) >= set(machine.PINNED_NETWORK)
+    assert "SECRET_TOKEN" not in confined_env({**env, "SECRET_TOKEN": "x"})
+
+
+def test_pinned_watchdog_settings_are_names_this_torch_reads():
+    import torch
+    header = (Path(torch.__file__).parent / "include" / "torch" / "csrc" / "distributed" / "c10d"
+              / "ProcessGroupNCCL.hpp")
+    if not header.exists():
+        pytest.skip("this torch ships no c10d headers")
+    text = header.read_text()
+    for name in machine.PINNED_NCCL:
+        assert f'"{name}"' in text, name
+
+
+def test_nccl_rank_binds_its_device_before_the_students_code(monkeypatch, tmp_path):
+    """worker.main on NCCL, everything CUDA mocked: set_device, then the process groups (with
+    device_id, every group warmed up), then the student's module."""
+    import torch
+    import torch.distributed as dist
+    from gpu_runner import worker
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(worker.counting, "use_dispatch", lambda on: None)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda *a, **k: calls.append(("init", a[0], k.get("device_id"))))
+    monkeypatch.setattr(dist, "new_group", lambda ranks=None, **k: ("group", tuple(ranks or ()),
+                                                                    k.get("backend")))
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: (
+        calls.append(("warm", group)), t.fill_(4 if group is None else len(group[1]))))
+    monkeypatch.setattr(dist, "barrier", lambda group=None: calls.append(("barrier", group[2])))
+    monkeypatch.setattr(torch, "ones", lambda *a, **k: torch.zeros(1))   # no CUDA here
+    monkeypatch.setattr(worker, "load_module", lambda path: calls.append(("import", path)))
+
+    class Done(Exception):
+        pass
+    monkeypatch.setattr(worker, "finish", lambda rec, code: (_ for _ in ()).throw(Done(code)))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(Done):
+        worker.main(["--module", "m.py", "--out", str(tmp_path), "--units", "",
+                     "--sizes", "1,2,4", "--backend", "nccl"])
+    assert calls[0] == ("set_device", 3)
+    assert calls[1] == ("init", "nccl", torch.device("cuda", 3))
+    warmed = [c[1] for c in calls if c[0] == "warm"]
+    assert warmed == [("group", (3,), None), ("group", (2, 3), None), None]   # every size
+    assert [c for c in calls if c[0] == "barrier"] == [("barrier", "gloo")] * 3
+    assert calls[-1] == ("import", "m.py")
+    assert machine.init_options("gloo", 3) == {}
+
+
+def test_fault_kinds():
+    from gpu_runner.observe import fault_kind
+    assert fault_kind(RuntimeError("CUDA error: device-side assert triggered\nCUDA kernel "
+                                   "errors might be asynchronously reported")) == "cuda"
+    assert fault_kind(RuntimeError("CUDA error: an illegal memory access was encountered")) \
+        == "cuda"
+    assert fault_kind(RuntimeError("[..] Timed out waiting 5000ms for recv")) == "comm"
+    assert fault_kind(type("DistBackendError", (RuntimeError,), {})("NCCL communicator")) \
+        == "comm"
+    assert fault_kind(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) is None
+    assert fault_kind(ValueError("output (3, 4), expected (3, 7)")) is None
+
+
+def _records(units, fault_unit=None, kind="cuda"):
+    """Two ranks' records of one launch: every unit ends cleanly until `fault_unit`."""
+    rows = {0: [{"event": "hello"}], 1: [{"event": "hello"}]}
+    for u in units:
+        for r in (0, 1):
+            if r not in u.members(2):
+                continue
+            rows[r].append({"event": "start", "unit": u.id})
+            fault = "RuntimeError: CUDA error: device-side assert triggered" \
+                if u.id == fault_unit else None
+            rows[r].append({"event": "end", "unit": u.id, "status": "ok", "error": "",
+                            "fault": fault, "fault_kind": kind if fault else None, "obs": {}})
+        if u.id == fault_unit:
+            break
+    return rows
+
+
+def test_a_sticky_cuda_error_costs_only_its_unit(monkeypatch, tmp_path):
+    """The rank with a sticky CUDA error is relaunched; only the unit that caused it fails (a
+    deadlock also skips its layer's larger sizes)."""
+    from gpu_runner import launch
+    plan = make_plan([1, 2], timing=False)
+    cfg = launch.Config(sizes=(1, 2), max_launches=3)
+    seen = []
+
+    def fake_launch(module, out, todo, cfg, index):
+        seen.append([u.id for u in todo])
+        for r, rows in _records(todo, "row.forward@2" if index == 0 else None).items():
+            (launch.job_dir(out) / f"rank{r}.jsonl").write_text(
+                "".join(json.dumps(row) + "\n" for row in rows))
+        return {"rc": 0, "timed_out": False, "seconds": 1.0, "killed": 0,
+                "log": str(out / "torchrun.log")}
+    monkeypatch.setattr(launch, "_launch", lambda *a: (launch.job_dir(a[1]).mkdir(parents=True),
+                                                        fake_launch(*a))[1])
+    results, launches = launch.run_submission(tmp_path / "m.py", tmp_path / "runs", plan, cfg)
+    assert len(launches) == 2 and "row.forward@2" not in seen[1]
+    assert "row.backward@2" in seen[1] and "mlp.forward@2" in seen[1]
+    faulty = [u for u, r in results.items() if r.status == "fault"]
+    assert faulty == ["row.forward@2"]
+    assert "sticky CUDA error" in results["row.forward@2"].reason
+    assert not [u for u, r in results.items() if r.status in ("skipped", "not_run")]
+    # a deadlock instead: the layer's larger sizes are not retried
+    rows = _records(plan, "row.forward@1", kind="comm")
+    res = {}
+    launch._interpret(rows, plan, cfg, {"rc": 1, "timed_out": False}, tmp_path / "x.log", res)
+    assert res["row.forward@2"].status == "skipped" and "mlp.forward@1" not in res
+
+
+def test_a_launch_that_never_reaches_student_code_is_the_environments(tmp_path):
+    from gpu_runner.launch import Config, EnvironmentFailure, _interpret
+    plan, cfg = make_plan([1, 2], timing=False), Config(sizes=(1, 2))
+    sup = {"rc": 1, "timed_out": False}
+    env_error = {0: [{"event": "hello"}, {"event": "env_error", "error": "NCCL error: unhandled "
+                                                                         "system error"}]}
+    for records, says in ((env_error, "NCCL error"), ({}, "no rank started"),
+                          ({0: [{"event": "watchdog", "unit": "setup", "seconds": 9}]},
+                           "setting up the process groups")):
+        with pytest.raises(EnvironmentFailure, match=says):
+            _interpret(records, plan, cfg, sup, tmp_path / "log", {})
+
+
+def _ends(unit, obs_by_rank, error=""):
+    return {r: {"event": "end", "unit": unit.id, "status": "ok", "error": error, "obs": obs}
+            for r, obs in obs_by_rank.items()}
+
+
+def test_malformed_reports_fail_their_checks_never_the_grader():
+    from gpu_runner.judge import judge
+    u = Unit.parse("column.forward@2")
+    good = {"shape": [3, 7], "dtype": "float32", "device": "cpu", "data": [0.0] * 21}
+    for bad in ("not a dict", {"shape": "3x7"}, {**good, "data": [0.0] * 20},
+                {**good, "data": ["zero"] * 21}, {**good, "data": [True] * 21},
+                {**good, "dtype": "object"}, {**good, "shape": [-1, 7]},
+                {**good, "shape": [10 ** 6, 10 ** 6], "data": None}, {"type": "list"}):
+        verdicts = judge(u, _ends(u, {0: {"y": bad}, 1: {"y": good}}))
+        ok, detail = verdicts["column.forward"]
+        assert not ok and detail.startswith("rank 0 of 2:"), (bad, detail)
+    verdicts = judge(u, {0: {"obs": "junk", "error": ""}, 1: {"obs": None, "error": 3}})
+    assert all(not ok for ok, _ in verdicts.values())
+    # NaN travels as text and never matches
+    nan = {**good, "data": ["nan"] * 21}
+    assert not judge(u, _ends(u, {0: {"y": nan}, 1: {"y": nan}}))["column.forward"][0]
+
+
+def test_record_reading_is_bounded(tmp_path, monkeypatch):
+    from gpu_runner import launch
+    out = tmp_path / "launch0"
+    launch.job_dir(out).mkdir(parents=True)
+    line = json.dumps({"event": "end", "unit": "row.forward@1", "obs": {}}) + "\n"
+    (launch.job_dir(out) / "rank0.jsonl").write_text(line + "x" * 5000 + "\n" + line)
+    monkeypatch.setattr(launch, "MAX_BYTES_PER_RANK", 1000)
+    assert launch._read_records(out) == {0: [json.loads(line)]}
+
+
+def _obs_tensor(values):
+    import torch
+    from gpu_runner.records import encode_tensor
+    return encode_tensor(torch.as_tensor(values, dtype=torch.float32))
+
+
+def test_the_judge_names_the_mistake_with_world_size_and_rank():
+    """Reports shaped like two classic mistakes, judged against the grader's own reference."""
+    from gpu_runner import data
+    from gpu_runner.judge import judge
+    from tpgrade import tensors as V
+    u = Unit.parse("row.forward@3")
+    case = data.row(data.seed_of("row", "forward"))
+    dense = V.linear(case.x, case.w, case.b)
+    verdicts = judge(u, _ends(u, {r: {"y": _obs_tensor(dense + 2 * case.b),
+                                      "counts": {"allreduce": 1}} for r in range(3)}))
+    ok, detail = verdicts["row.forward"]
+    assert not ok and detail.startswith("rank 0 of 3: ") and \
+        "bias added on every rank before the all-reduce (counted 3 times)" in detail
+    assert verdicts["counts.row_forward"] == (True, "")
+    u = Unit.parse("row.backward@2")
+    case = data.row(data.seed_of("row", "backward"))
+    dx, dw, db = V.linear_grads(case.x, case.w, case.g)
+
+    def obs(r):
+        lo, hi = data.shard(7, r, 2)
+        return {"gx": _obs_tensor(dx[:, lo:hi]), "gw": _obs_tensor(dw[:, lo:hi]),
+                "gb": _obs_tensor(db if r == 0 else db * 0), "counts": {}}
+    verdicts = judge(u, _ends(u, {r: obs(r) for r in range(2)}))
+    assert verdicts["row.grad_weight"] == (True, "") and verdicts["row.grad_input"] == (True, "")
+    ok, detail = verdicts["row.grad_bias"]
+    assert not ok and detail.startswith("rank 1 of 2:") and "rank 0 only" in detail
+
+
+def test_report_comments_list_every_failed_check_and_no_grader_paths(tmp_path):
+    from gpu_runner import launch, report
+    plan = make_plan([1, 2, 3, 4], timing=False)
+    cfg = launch.Config()
+    results = {u.id: launch._failed(u, "failed", f"rank 0 of {u.size}: wrong {u.id}")
+               for u in plan}
+    rep = report.build("s", "tp_torch", "tp_torch", cat.GPU_CELLS, plan, results, [], cfg, 1.0)
+    comment = rep["cells"]["gpu_column_backward"]["comment"]
+    names = {c.split("@")[0] for c, v in rep["checks"].items()
+             if v["cell"] == "gpu_column_backward"}
+    assert len(names) == 5 and all(f"- {n} (world sizes 1, 2, 3, 4): " in comment for n in names)
+    assert "see the gpu_runner report" not in comment
+    assert launch._launch_hint([{"rc": 1, "timed_out": True, "completed": 0,
+                                 "log": "/secret/torchrun.log"}]) == \
+        " (torchrun exit 1, wall-clock limit reached)"
+    assert rep["untested"] == machine.untested("gloo") and rep["untested"]
+
+
+def test_the_judging_side_imports_no_torch_and_no_grader_module_imports_tpcourse():
+    code = ("import sys; import gpu_runner.judge, gpu_runner.launch, gpu_runner.report, "
+            "gpu_runner.reference, gpu_runner.records, gpu_runner.data, tpgrade.tensors; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    for path in RUNNER.glob("*.py"):
+        if path.name != "gpu_check.py":     # instructor tooling on top of the grader
+            assert "tpcourse" not in path.read_text(), path
+
+
+def test_reference_refusal_names_the_check_and_the_log_and_its_cache_key(tmp_path):
+    from gpu_runner import launch, reference
+    rep = {"score": 23.0, "max_score": 24, "launches": [{"log": "/r/launch0/torchrun.log"}],
+           "checks": {"row.forward@1": {"ok": True, "detail": ""},
+                      "row.forward@2": {"ok": False, "detail": "rank 1 of 2: differs"}}}
+    text = reference.failure(rep, Path("src.ipynb"), launch.Config())
+    assert "row.forward@2: rank 1 of 2: differs" in text and "/r/launch0/torchrun.log" in text
+    root = _course_root(tmp_path)
+    key = reference.cache_key(SOURCE, root, launch.Config())
+    assert key == reference.cache_key(SOURCE, root, launch.Config())
+    assert key != reference.cache_key(SOURCE, root, launch.Config(sizes=(1, 2)))
+    with open(root / "nbgrader_config.py", "a") as f:
+        f.write("c.Sandbox.memory_mb = 300\n")
+    assert key != reference.cache_key(SOURCE, root, launch.Config())
+
+
+# -- the rank side and the judge on forked gloo ranks ------------------------------------------
+def _graded(student, tmp_path, sizes=(1, 2, 3)):
+    import forked_runner
+    return forked_runner.grade(cat.BY_NAME[student], sizes, tmp_path)
+
+
+def _lost(rep):
+    return {gid for gid, c in rep["cells"].items() if c["score"] < c["points"]}
+
+
+def test_reference_full_marks_and_every_rank_holds_its_own_master_weight(tmp_path):
+    from gpu_runner import data
+    rep = _graded("torch_reference", tmp_path)
+    assert rep["score"] == rep["max_score"], {k: v for k, v in rep["checks"].items()
+                                               if not v["ok"]}
+    case = data.column(1)
+    masters = [case.master(r, 3) for r in range(3)]
+    for r, (lo, hi) in enumerate(data.balanced(7, 3)):      # its shard true, the rest noise
+        assert (masters[r][lo:hi] == case.w[lo:hi]).all()
+        others = [i for i in range(7) if not lo <= i < hi]
+        assert not (masters[r][others] == case.w[others]).any()
+    assert not (masters[0] == masters[1]).all()
+
+
+def test_dense_on_every_rank_loses_its_forward_cells(tmp_path):
+    rep = _graded("torch_dense_each_rank", tmp_path)
+    assert _lost(rep) == set(cat.BY_NAME["torch_dense_each_rank"].loses)
+    detail = rep["checks"]["column.forward@2"]["detail"]
+    assert detail.startswith("rank 0 of 2: ") and "computed from the whole master_weight" in detail
+    assert rep["checks"]["column.forward@1"]["ok"]      # one rank: its master is the weight
+
+
+@pytest.mark.parametrize("student, says", [
+    ("torch_device_new_tensor", "is on meta, the input on cpu: a tensor created without device="),
+    ("torch_device_plain_attribute", "tensor attribute rows: neither a parameter nor a buffer"),
+])
+def test_device_mistakes_are_caught_on_cpu(tmp_path, student, says):
+    rep = _graded(student, tmp_path, sizes=(1, 2))
+    assert _lost(rep) == set(cat.BY_NAME[student].loses)
+    assert says in rep["checks"]["column.forward_float64@2"]["detail"]
+
+
+def test_a_cpu_collective_is_untested_here_and_the_report_says_so(tmp_path):
+    """gloo runs collectives on CPU tensors: the mistake NCCL refuses gets full marks on this
+    machine, and the report lists it as untested here."""
+    rep = _graded("torch_device_cpu_collective", tmp_path, sizes=(1, 2))
+    assert "torch_device_cpu_collective" not in cat.CAUGHT_ON_CPU and not _lost(rep)
+    assert any("collectives on CPU tensors" in item for item in rep["untested"])
+
+
+def test_uneven_all_gather_is_refused_as_gloo_refuses_it():
+    """Under NCCL the ranks run in observe.EqualAllGather (NCCL would accept uneven sizes);
+    here on gloo: the mode's refusal comes first, and even sizes pass through."""
+    from tpgrade.torch_ranks import run_on_ranks
+    results = run_on_ranks(_gather_in_mode, 2, timeout=60)
+    assert results[0][0] == [[0.0, 0.0], [1.0, 1.0]]
+    assert "all_gather of tensors of different sizes" in results[0][1]
+
+
+def _gather_in_mode():
+    import torch
+    import torch.distributed as dist
+    from gpu_runner.observe import EqualAllGather
+    rank = dist.get_rank()
+    with EqualAllGather():
+        parts = [torch.empty(2) for _ in range(2)]
+        dist.all_gather(parts, torch.full((2,), float(rank)))
+        try:
+            dist.all_gather([torch.empty(2), torch.empty(1)], torch.ones(2 - rank))
+            refused = ""
+        except RuntimeError as exc:
+            refused = str(exc)
+    return [p.tolist() for p in parts], refused
+
+
+# -- make gpu-check, the parts a CPU machine can run -------------------------------------------
+def test_gpu_check_without_a_gpu_says_so_and_skips(monkeypatch, capsys):
+    from gpu_runner import gpu_check
+    monkeypatch.setattr(machine, "gpu_count", lambda: 0)
+    assert gpu_check.main() == gpu_check.EXIT_NO_GPU == 77
+    assert "gpu-check: no GPU on this machine" in capsys.readouterr().out
+    make = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True, text=True)
+    assert "-m gpu_runner.gpu_check" in make.stdout and "pip" not in make.stdout
+
+
+def _check_report(backend="nccl", sizes=(1,), lost=()):
+    cells = {gid: {"score": 0.0 if gid in lost else float(p), "points": p}
+             for gid, p in cat.GPU_CELLS.items()}
+    return {"backend": backend, "world_sizes": list(sizes), "sandboxed": True, "cells": cells,
+            "score": 0, "max_score": 24, "seconds": 1}
+
+
+def test_gpu_check_verdict():
+    from gpu_runner.gpu_check import STUDENTS, expected_losses, verdict
+    expected = {s: expected_losses(cat.BY_NAME[s].loses) for s in STUDENTS}
+    assert expected["torch_device_cpu_collective"] == {      # no counts at world size 1
+        "gpu_row_forward", "gpu_row_backward", "gpu_mlp_forward", "gpu_mlp_backward"}
+    assert expected["torch_device_new_tensor"] == set(cat.BY_NAME["torch_device_new_tensor"].loses)
+    good = {"(reference)": _check_report(), **{s: _check_report(lost=expected[s])
+                                               for s in STUDENTS}}
+    assert verdict(0, "", good, expected) == []
+    caught_nothing = {**good, "torch_device_cpu_collective": _check_report()}
+    assert "torch_device_cpu_collective: lost nothing" in verdict(0, "", caught_nothing,
+                                                                   expected)[0]
+    assert "graded with gloo" in verdict(0, "", {**good, "(reference)": _check_report("gloo")},
+                                         expected)[0]
+    refused = verdict(2, "gpu_runner: nothing graded. the reference ...", {}, expected)
+    assert refused[0].startswith("the grader exited 2") and "(reference): no report" in refused

@@ -9,7 +9,8 @@ hostile ones, whose ParallelMLP.forward
   listener of the grader's on 127.0.0.1 (this test's, on the host's loopback);
 - `torch_h_kill`: SIGKILLs every process it may (`kill(-1)`, only where it sees itself inside
   the sandbox) and its parent (torchrun).
-Also: the refusal when bubblewrap is missing, and the opt-out.
+Also: the refusal when bubblewrap is missing, and the opt-out; and a broken environment (the
+reference solution, graded before any student, cannot score full marks): nobody graded.
 """
 from __future__ import annotations
 
@@ -262,6 +263,20 @@ def test_refuses_without_bubblewrap_unless_opted_out(make_course, capsys):
     reports = course.root / "gpu_reports" / A
     assert grade.confinement(course.root, reports, "sqlite:///x.db", "gloo") is None
     assert "the sandbox is disabled" in capsys.readouterr().err
+
+
+def test_a_broken_environment_grades_nobody(make_course):
+    """The course's sandbox limits every job's address space to 300 MiB: torch cannot be
+    imported, so the reference solution, graded first, cannot score full marks. Exit 2, the
+    cause and the log named, nobody graded (rather than everyone scoring 0)."""
+    course = _course(make_course, "gpu_broken_env", "c.Sandbox.memory_mb = 300\n")
+    course.place_submission("torch_reference", A, build(cat.BY_NAME["torch_reference"]))
+    proc = _run(course.root, "torch_reference")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "nothing graded" in proc.stderr and "the reference solution of" in proc.stderr
+    assert "torchrun.log" in proc.stderr
+    assert not (course.root / "gpu_reports" / A / "torch_reference").exists()
+    assert "torch_reference:" not in proc.stdout
 
 
 def test_wrapped_job_gets_the_course_limits_and_hides_the_reports(tmp_path, monkeypatch):

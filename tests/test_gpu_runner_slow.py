@@ -3,8 +3,13 @@
 One course for the module: generate tp_torch, place the catalogue's submissions, autograde two
 of them, run `python -m gpu_runner.grade` (gradebook for the autograded two, reports only for
 the rest), then `nbgrader export` and `generate_feedback`. Every submission is one torchrun
-launch for world sizes 1-4, plus a relaunch only where a fault forces one. This is the path CI
-runs (no GPU there); on a GPU machine the same command picks NCCL.
+launch for world sizes 1-4, plus a relaunch only where a fault forces one; the first grader
+call first grades the source's own solution (the reference), the second finds it done. This is
+the path CI runs (no GPU there); on a GPU machine the same command picks NCCL.
+
+The hostile submissions (cat.HOSTILE) each carry one of the wrong answers: they stand in for
+those wrong students in this batch (an attack can only raise a grade, so losing exactly the
+wrong answer's cells shows both that the answer is caught and that the attack gained nothing).
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ pytestmark = [pytest.mark.nbgrader]
 
 ASSIGNMENT = "tp_torch"
 IN_GRADEBOOK = ["torch_reference", "torch_bias_every_rank"]
-REQUIRED_WRONG = ["torch_local_shard", "torch_plain_collectives", "torch_allreduce_in_column",
-                  "torch_two_allreduces_mlp", "torch_wrong_shard", "torch_no_shape_check"]
+HOSTILE = [s.student for s in cat.HOSTILE]
+# torch_local_shard, torch_plain_collectives and torch_allreduce_in_column are graded as the
+# hostile students that carry their answers
+REQUIRED_WRONG = ["torch_two_allreduces_mlp", "torch_wrong_shard", "torch_no_shape_check"]
 FAULTS = [s.student for s in cat.FAULTS]
 PG_TIMEOUT, WALL = 5, 180
 FLAGS = ["--pg-timeout", str(PG_TIMEOUT), "--timeout", str(WALL), "--backend", "gloo"]
@@ -47,13 +54,13 @@ def course(make_course):
     for name in IN_GRADEBOOK:
         course.place_submission(name, ASSIGNMENT, build(cat.BY_NAME[name]))
     course.autograde(ASSIGNMENT)              # one nbgrader call; the others need no gradebook
-    for name in REQUIRED_WRONG + FAULTS:
+    for name in REQUIRED_WRONG + HOSTILE + FAULTS:
         course.place_submission(name, ASSIGNMENT, build(cat.BY_NAME[name]))
     with_db = _grade(course.root, IN_GRADEBOOK)
     assert with_db.returncode == 0, with_db.stdout + with_db.stderr
-    rest = _grade(course.root, REQUIRED_WRONG + FAULTS, "--no-gradebook", "--no-timing")
+    rest = _grade(course.root, REQUIRED_WRONG + HOSTILE + FAULTS, "--no-gradebook", "--no-timing")
     assert rest.returncode == 0, rest.stdout + rest.stderr
-    course.grader_output = with_db.stdout + rest.stdout
+    course.grader_output = (with_db.stdout, rest.stdout)
     return course
 
 
@@ -82,7 +89,17 @@ def test_reference_gets_full_marks_at_world_sizes_1_to_4(course):
         .read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("student", ["torch_bias_every_rank"] + REQUIRED_WRONG)
+def test_the_reference_is_graded_first_and_once(course):
+    first, second = course.grader_output
+    assert "reference solution: full marks (" in first
+    assert "reference solution: full marks (checked before" in second
+    ref = json.loads((course.root / "gpu_reports" / ASSIGNMENT / ".reference" / "report.json")
+                     .read_text())
+    assert ref["score"] == ref["max_score"] and ref["world_sizes"] == [1, 2, 3, 4]
+    assert ref["sandboxed"] and ref["untested"]         # gloo: what it cannot check is named
+
+
+@pytest.mark.parametrize("student", ["torch_bias_every_rank"] + REQUIRED_WRONG + HOSTILE)
 def test_wrong_solution_loses_points_on_the_right_cells(course, student):
     rep = _report(course, student)
     sub = cat.BY_NAME[student]
@@ -109,6 +126,38 @@ def test_faulty_submission_is_caught_in_bounded_time(course, student, says):
     assert _lost(rep) == set(sub.loses), {g: c["comment"] for g, c in rep["cells"].items()}
     reason = rep["faults"][0]["reason"]
     assert any(c["detail"] == reason and not c["ok"] for c in rep["checks"].values())
+
+
+def _log(course, student):
+    return "".join(p.read_text(errors="replace") for p in sorted(
+        (course.root / "gpu_reports" / ASSIGNMENT / student / "runs").glob("launch*/torchrun.log")))
+
+
+def test_attacks_on_the_ranks_verdicts_no_longer_work(course):
+    """Each attack ran in the ranks (it says so in the job's log) and changed nothing: the
+    verdicts are made in the grader, from data, with its own torch-free comparisons."""
+    assert "ATTACK in place: torch.allclose is True" in _log(course, "torch_h_rebind_allclose")
+    patched = _log(course, "torch_h_patch_harness")
+    assert "ATTACK in place: patched" in patched and "gpu_runner.judge.judge" in patched
+    assert "Recorder.write" in _log(course, "torch_h_forge_records")
+    forged = [json.loads(line) for path in (course.root / "gpu_reports" / ASSIGNMENT /
+                                            "torch_h_forge_records" / "runs").rglob("rank*.jsonl")
+              for line in path.read_text().splitlines() if '"checks"' in line]
+    assert forged and all(all(ok for ok, _ in row["checks"].values()) for row in forged)
+    rep = _report(course, "torch_h_forge_records")
+    assert not rep["checks"]["column.grad_input@2"]["ok"]      # the forged "passed" is ignored
+
+
+def test_forged_counts_gain_the_counts_cell_and_nothing_else(course):
+    """The counts are measured in the rank, so a rank can forge them: capping them hides the
+    second all-reduce (gpu_collective_counts, which the same answer loses without the attack);
+    the wrong bias still loses its cells, judged in the grader."""
+    forged, honest = _report(course, "torch_h_forge_counts"), _report(course,
+                                                                      "torch_two_allreduces_mlp")
+    assert "gpu_collective_counts" in _lost(honest)
+    assert _lost(forged) == set(cat.BY_NAME["torch_bias_every_rank"].loses)
+    assert cat.FORGED_COUNTS_GAIN["torch_h_forge_counts"] == {"gpu_collective_counts"}
+    assert "at most one" in _log(course, "torch_h_forge_counts")
 
 
 def test_no_worker_outlives_its_launch(course):
@@ -147,4 +196,7 @@ def test_scores_are_in_the_gradebook_export_and_feedback(course):
     course.generate_feedback(ASSIGNMENT)
     html = course.feedback_html(ASSIGNMENT, "torch_bias_every_rank")["tp_torch.html"]
     assert "gpu_runner (gloo, world sizes 1, 2, 3, 4)" in html
-    assert "row.forward@2" in html                       # the reason, in the feedback
+    # every failed check with its diagnosis, the world size and the rank; no grader paths
+    assert "row.forward (world sizes 2, 3, 4): rank 0 of 2: the output" in html
+    assert "bias added on every rank before the all-reduce" in html
+    assert "see the gpu_runner report" not in html and str(course.root) not in html

@@ -4,8 +4,9 @@ the export, and a rerun skips the students whose submission did not change -- SL
 class runs, three torchrun launches, about two minutes). Then the same class graded by the
 shipped Slurm files on a one-node test cluster gets the same gradebook (about a minute more).
 
-The runner gets its flags from GPU_RUNNER_FLAGS (grade_class passes none): world sizes 1 and 2
-only, no timing, to keep the launches short.
+The course grades world sizes 1 and 2 only (c.GpuRunner.world_sizes in its nbgrader_config.py),
+and the runner gets its other flags from GPU_RUNNER_FLAGS (grade_class passes none): no timing,
+to keep the launches short. The reference solution is graded by the first runner call only.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.nbgrader,
 
 A = "tp_torch"
 REF, WRONG = "torch_reference", "torch_local_shard"
-RUNNER_FLAGS = "--world-sizes 1,2 --no-timing --pg-timeout 10 --timeout 300"
+RUNNER_FLAGS = "--no-timing --pg-timeout 10 --timeout 300"
 GPU_TOTAL = sum(cat.GPU_CELLS.values())
 
 
@@ -49,7 +50,7 @@ def _run(course):
 @pytest.fixture(scope="module")
 def handed_in(make_course, tmp_path_factory):
     """Two submissions, in the course graded on one machine and in an identical copy."""
-    course = make_course("class_gpu", [A], extra_config="")
+    course = make_course("class_gpu", [A], extra_config="c.GpuRunner.world_sizes = [1, 2]\n")
     course.generate(A)
     for name in (REF, WRONG):
         course.place_submission(name, A, build(cat.BY_NAME[name]))

@@ -66,6 +66,18 @@ BIAS_EVERY_RANK = ("sol_row_layer", "y = reduce_from_tp_region(F.linear(x, self.
                    "y = reduce_from_tp_region(F.linear(x, self.weight, self.bias), self.group)\n"
                    "        return y")
 RELU = ("sol_parallel_mlp", "activation=F.gelu", "activation=F.relu")
+# The whole layer on every rank, from the rank's master_weight (right shapes, one gather).
+KEEP_MASTER = ("sol_column_layer", "self.weight = nn.Parameter(weight[start:stop].clone())",
+               "self.weight = nn.Parameter(weight[start:stop].clone())\n"
+               "        self.register_buffer('master', weight.clone())")
+DENSE = ("sol_column_layer", "y = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)",
+         "full = F.linear(x, self.master) + gather_from_tp_region(self.bias, "
+         "self.out_features, self.group)\n"
+         "        if self.gather_output:\n"
+         "            return full\n"
+         "        rank, p = tp_rank_and_size(self.group)\n"
+         "        start, stop = shard_range(self.out_features, rank, p)\n"
+         "        y = full[..., start:stop]")
 NO_PG_CHECK = ("sol_mappings", "if not (dist.is_available() and dist.is_initialized()):", "if False:")
 ONE_RANK_WITHOUT_PG = ("sol_mappings", "return dist.get_rank(group), dist.get_world_size(group)",
                        "return (dist.get_rank(group), dist.get_world_size(group)) "
@@ -160,7 +172,7 @@ def test_reference_passes_every_check_and_the_release_none():
     (NO_F, "column_backward", "must go through copy_to_tp_region"),
     (BIAS_ONES, "column_shards", "must start at zero"),
     (BIAS_EVERY_RANK, "row_forward", "bias added on every rank before the all-reduce"),
-    (RELU, "mlp_forward", "differs from the dense gelu MLP"),
+    (RELU, "mlp_forward", r"ParallelMLP.s output.*differs from the dense result"),
     (NO_F, "mlp_backward", "fc1's input must go through copy_to_tp_region"),
 ], ids=["local_shard", "no_f", "bias_ones", "bias_every_rank", "relu", "no_f_mlp"])
 def test_mistakes_are_named(edit, check_name, phrase):
@@ -168,6 +180,14 @@ def test_mistakes_are_named(edit, check_name, phrase):
     layer = {"column": "ColumnParallelLinear", "row": "RowParallelLinear", "mlp": "ParallelMLP"}
     with pytest.raises(CheckFailed, match=phrase):
         getattr(check, check_name)(ns[layer[check_name.split("_")[0]]])
+
+
+def test_the_whole_layer_on_every_rank_is_named():
+    """Each rank gets its own master_weight (the real rows in its shard, noise elsewhere), so a
+    layer computed whole on every rank is wrong, and the check says why."""
+    ns = namespace(KEEP_MASTER, DENSE)
+    with pytest.raises(CheckFailed, match="computed from the whole master_weight on this rank"):
+        check.column_forward(ns["ColumnParallelLinear"])
 
 
 def test_no_process_group_check_wants_the_error():

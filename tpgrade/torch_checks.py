@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from . import _torch_compare as C
+from . import tensors as C
 from . import _trusted as T
 from ._harness import check, make_read_only
 from ._torch_trusted import (as_numpy, backprop, get_rank, is_initialized, no_grad, restore,
@@ -133,9 +133,24 @@ def _shards(layer_class, in_features, out_features, master):
     return as_numpy(layer.weight), as_numpy(layer.bias)
 
 
-def _expect_zero_bias(bias, rank):
-    if bool((bias != 0).any()):
-        fail(f"rank {rank}: .bias must start at zero, got {C.show(bias)}")
+def _check_shards(per_rank, master, axis, names, bias_shape, bias_says):
+    """2 ranks, 3 rows (axis 0) or columns (axis 1) of `master` each, and a zero bias."""
+    bounds = [(0, 3), (3, 6)]
+    for rank, (weight, bias) in enumerate(per_rank):
+        weight, bias = C.array(weight, rank, ".weight"), C.array(bias, rank, ".bias")
+        lo, hi = bounds[rank]
+        mine = master[lo:hi] if axis == 0 else master[:, lo:hi]
+        text = C.mismatch(weight, mine, ".weight", suspects=C.other_shards(
+            master, bounds, rank, axis, names), shapes=[(master.shape, (
+                f"the whole master_weight: keep this rank's {names} {lo}..{hi - 1} only"))])
+        if text:
+            fail(f"{C.where(rank, 2)}: {text}")
+        if C.shape(bias) != bias_shape:
+            fail(f"{C.where(rank, 2)}: .bias should be {bias_says}, shape {bias_shape}; got "
+                 f"{C.shape(bias)}")
+        text = C.zero_init(bias, ".bias")
+        if text:
+            fail(f"{C.where(rank, 2)}: {text}")
 
 
 @_torch_check
@@ -143,18 +158,7 @@ def column_shards(ColumnParallelLinear):
     """2 ranks, (4 -> 6): .weight holds 3 rows of master_weight, .bias 3 zeros."""
     master = C.master(6, 4)
     per_rank = run_on_ranks(_shards, 2, ColumnParallelLinear, 4, 6, master, timeout=TIMEOUT)
-    for rank, (weight, bias) in enumerate(per_rank):
-        weight, bias = C.array(weight, rank, ".weight"), C.array(bias, rank, ".bias")
-        if C.shape(weight) != (3, 4):
-            fail(f"rank {rank}: .weight has shape {C.shape(weight)}, expected (3, 4): the column "
-                 f"layer keeps out_features / 2 = 3 ROWS of the (6, 4) master_weight")
-        if not C.equal(weight, master[3 * rank:3 * rank + 3]):
-            fail(f"rank {rank}: .weight should be rows {3 * rank}..{3 * rank + 2} of "
-                 f"master_weight; wrong shard for the rank?")
-        if C.shape(bias) != (3,):
-            fail(f"rank {rank}: .bias should be this rank's slice of the bias, shape (3,); got "
-                 f"{C.shape(bias)}")
-        _expect_zero_bias(bias, rank)
+    _check_shards(per_rank, master, 0, "rows", (3,), "this rank's slice of the bias")
 
 
 @_torch_check
@@ -162,30 +166,32 @@ def row_shards(RowParallelLinear):
     """2 ranks, (6 -> 4): .weight holds 3 columns of master_weight, .bias 4 zeros."""
     master = C.master(4, 6)
     per_rank = run_on_ranks(_shards, 2, RowParallelLinear, 6, 4, master, timeout=TIMEOUT)
-    for rank, (weight, bias) in enumerate(per_rank):
-        weight, bias = C.array(weight, rank, ".weight"), C.array(bias, rank, ".bias")
-        if C.shape(weight) != (4, 3):
-            fail(f"rank {rank}: .weight has shape {C.shape(weight)}, expected (4, 3): the row "
-                 f"layer keeps in_features / 2 = 3 COLUMNS of the (4, 6) master_weight")
-        if not C.equal(weight, master[:, 3 * rank:3 * rank + 3]):
-            fail(f"rank {rank}: .weight should be columns {3 * rank}..{3 * rank + 2} of "
-                 f"master_weight; wrong shard for the rank?")
-        if C.shape(bias) != (4,):
-            fail(f"rank {rank}: .bias should be the FULL bias, shape (4,); got {C.shape(bias)}")
-        _expect_zero_bias(bias, rank)
+    _check_shards(per_rank, master, 1, "columns", (4,), "the FULL bias")
+
+
+# Every rank gets its own master_weight: the real weight inside its shard, noise outside it
+# (C.noisy_master), so a rank that computes more than its shard gets a wrong answer.
+def _masters(w, axis, seed):
+    return [C.noisy_master(w, 3 * r, 3 * r + 3, axis, seed + r) for r in range(2)]
+
+
+def _check(rank, got, want, what, **diagnoses):
+    text = C.mismatch(got, want, what, **diagnoses)
+    if text:
+        fail(f"{C.where(rank, 2)}: {text}")
 
 
 # -- ColumnParallelLinear: forward and backward -------------------------------------------------
-def _column_layer(ColumnParallelLinear, w, b, **kwargs):
+def _column_layer(ColumnParallelLinear, masters, b, **kwargs):
     rank = get_rank()
-    layer = ColumnParallelLinear(4, 6, master_weight=tensor(w), **kwargs)
+    layer = ColumnParallelLinear(4, 6, master_weight=tensor(masters[rank]), **kwargs)
     with no_grad():
         layer.bias.copy_(tensor(b[3 * rank:3 * rank + 3]))
     return layer
 
 
-def _column_forward(ColumnParallelLinear, x, w, b):
-    return [as_numpy(_column_layer(ColumnParallelLinear, w, b, gather_output=g)(tensor(x)))
+def _column_forward(ColumnParallelLinear, x, masters, b):
+    return [as_numpy(_column_layer(ColumnParallelLinear, masters, b, gather_output=g)(tensor(x)))
             for g in (True, False)]
 
 
@@ -193,22 +199,17 @@ def _column_forward(ColumnParallelLinear, x, w, b):
 def column_forward(ColumnParallelLinear):
     """2 ranks: the dense F.linear output, full (gather_output) or this rank's columns."""
     x, w, b = C.f32((5, 4), (6, 4), (6,), seed=1)
-    dense = C.linear(x, w, b)
-    per_rank = run_on_ranks(_column_forward, 2, ColumnParallelLinear, x, w, b, timeout=TIMEOUT)
+    dense, masters = C.linear(x, w, b), _masters(w, 0, seed=101)
+    per_rank = run_on_ranks(_column_forward, 2, ColumnParallelLinear, x, masters, b,
+                            timeout=TIMEOUT)
     for rank, (full, local) in enumerate(per_rank):
-        full = C.array(full, rank, "the output (gather_output=True)")
-        local = C.array(local, rank, "the output (gather_output=False)")
-        if C.shape(full) != (5, 6):
-            fail(f"rank {rank}: output shape {C.shape(full)}, expected (5, 6): with "
-                 f"gather_output=True every rank returns the FULL output (only the local shard "
-                 f"returned?)")
-        if not C.close(full, dense):
-            fail(f"rank {rank}: output differs from the dense F.linear(x, W, b) by up to "
-                 f"{C.max_diff(full, dense):.3g}")
-        if not C.close(local, dense[:, 3 * rank:3 * rank + 3]):
-            fail(f"rank {rank}: with gather_output=False the output should be this rank's columns "
-                 f"{3 * rank}..{3 * rank + 2} of the dense output, shape (5, 3); got shape "
-                 f"{C.shape(local)}")
+        cols = slice(3 * rank, 3 * rank + 3)
+        _check(rank, C.array(full, rank, "the output"), dense,
+               "the output (gather_output=True)", shapes=[C.local_shard((5, 3))],
+               suspects=[(C.linear(x, masters[rank], b), C.DENSE_ON_RANK)])
+        _check(rank, C.array(local, rank, "the output"), dense[:, cols],
+               f"the output with gather_output=False (this rank's columns {cols.start}.."
+               f"{cols.stop - 1})")
 
 
 def _linear_grads(grads, rank):
@@ -217,11 +218,14 @@ def _linear_grads(grads, rank):
             zip(grads, ("x.grad", ".weight.grad", ".bias.grad")))
 
 
-def _column_backward(ColumnParallelLinear, x, w, b, dy):
-    layer = _column_layer(ColumnParallelLinear, w, b)
+def _column_backward(ColumnParallelLinear, x, masters, b, dy):
+    layer = _column_layer(ColumnParallelLinear, masters, b)
     x = tensor(x, requires_grad=True)
     backprop(layer(x), dy, "ColumnParallelLinear(4, 6)")
     return as_numpy(x.grad), as_numpy(layer.weight.grad), as_numpy(layer.bias.grad)
+
+
+_NOT_CONNECTED = "the output is not connected to it in autograd"
 
 
 @_torch_check
@@ -229,37 +233,33 @@ def column_backward(ColumnParallelLinear):
     """2 ranks: dL/dx, and this rank's rows of dL/dW and dL/db, as the dense layer's."""
     x, w, b, dy = C.f32((5, 4), (6, 4), (6,), (5, 6), seed=2)
     dx, dw, db = C.linear_grads(x, w, dy)
-    per_rank = run_on_ranks(_column_backward, 2, ColumnParallelLinear, x, w, b, dy, timeout=TIMEOUT)
+    masters = _masters(w, 0, seed=201)
+    per_rank = run_on_ranks(_column_backward, 2, ColumnParallelLinear, x, masters, b, dy,
+                            timeout=TIMEOUT)
     for rank, grads in enumerate(per_rank):
         x_grad, w_grad, b_grad = _linear_grads(grads, rank)
         rows = slice(3 * rank, 3 * rank + 3)
-        if x_grad is None:
-            fail(f"rank {rank}: x.grad is None: the output is not connected to x in autograd")
-        if not C.close(x_grad, dx):
-            fail(f"rank {rank}: dL/dx differs from the dense gradient by up to "
-                 f"{C.max_diff(x_grad, dx):.3g}. Each rank holds only its term dL/dy_r @ W_r: "
-                 f"x must go through copy_to_tp_region, whose backward all-reduces (section 4)")
-        if not C.close(w_grad, dw[rows]):
-            fail(f"rank {rank}: .weight.grad should equal rows {3 * rank}..{3 * rank + 2} of the "
-                 f"dense weight gradient")
-        if not C.close(b_grad, db[rows]):
-            fail(f"rank {rank}: .bias.grad should equal this rank's slice of the dense bias "
-                 f"gradient")
+        _check(rank, x_grad, dx, "dL/dx", missing=_NOT_CONNECTED, suspects=[
+            C.own_term_only(dy[:, rows].astype(T.float64) @ w[rows])])
+        _check(rank, w_grad, dw[rows], f".weight.grad (rows {rows.start}..{rows.stop - 1} of "
+               f"the dense weight gradient)", missing=_NOT_CONNECTED)
+        _check(rank, b_grad, db[rows], ".bias.grad (this rank's slice of the dense bias "
+               "gradient)", missing=_NOT_CONNECTED)
 
 
 # -- RowParallelLinear: forward and backward ----------------------------------------------------
-def _row_layer(RowParallelLinear, w, b, **kwargs):
-    layer = RowParallelLinear(6, 4, master_weight=tensor(w), **kwargs)
+def _row_layer(RowParallelLinear, masters, b, **kwargs):
+    layer = RowParallelLinear(6, 4, master_weight=tensor(masters[get_rank()]), **kwargs)
     with no_grad():
         layer.bias.copy_(tensor(b))
     return layer
 
 
-def _row_forward(RowParallelLinear, x, w, b):
+def _row_forward(RowParallelLinear, x, masters, b):
     rank = get_rank()
     outputs = []
     for input_is_parallel in (True, False):
-        layer = _row_layer(RowParallelLinear, w, b, input_is_parallel=input_is_parallel)
+        layer = _row_layer(RowParallelLinear, masters, b, input_is_parallel=input_is_parallel)
         outputs.append(as_numpy(layer(tensor(x[:, 3 * rank:3 * rank + 3] if input_is_parallel
                                              else x))))
     return outputs
@@ -269,25 +269,18 @@ def _row_forward(RowParallelLinear, x, w, b):
 def row_forward(RowParallelLinear):
     """2 ranks: the dense F.linear output, from the input slice or the full input."""
     x, w, b = C.f32((5, 6), (4, 6), (4,), seed=3)
-    dense = C.linear(x, w, b)
-    per_rank = run_on_ranks(_row_forward, 2, RowParallelLinear, x, w, b, timeout=TIMEOUT)
+    dense, masters = C.linear(x, w, b), _masters(w, 1, seed=301)
+    per_rank = run_on_ranks(_row_forward, 2, RowParallelLinear, x, masters, b, timeout=TIMEOUT)
     for rank, outputs in enumerate(per_rank):
         for name, y in zip(("input_is_parallel=True (this rank's slice of x)",
                             "input_is_parallel=False (the full x)"), outputs):
-            y = C.array(y, rank, f"the output with {name}")
-            if C.shape(y) != (5, 4):
-                fail(f"rank {rank}, {name}: output shape {C.shape(y)}, expected (5, 4)")
-            if C.close(y, dense):
-                continue
-            hint = (" The error is the bias once more: bias added on every rank before the "
-                    "all-reduce?" if C.close(y - dense, dense * 0 + b) else "")
-            fail(f"rank {rank}, {name}: output differs from the dense F.linear(x, W, b) by up to "
-                 f"{C.max_diff(y, dense):.3g}.{hint}")
+            _check(rank, C.array(y, rank, "the output"), dense, f"the output with {name}",
+                   suspects=[C.bias_every_rank(dense, b, 2)])
 
 
-def _row_backward(RowParallelLinear, x, w, b, dy):
+def _row_backward(RowParallelLinear, x, masters, b, dy):
     rank = get_rank()
-    layer = _row_layer(RowParallelLinear, w, b)
+    layer = _row_layer(RowParallelLinear, masters, b)
     x_r = tensor(x[:, 3 * rank:3 * rank + 3], requires_grad=True)
     backprop(layer(x_r), dy, "RowParallelLinear(6, 4)")
     return as_numpy(x_r.grad), as_numpy(layer.weight.grad), as_numpy(layer.bias.grad)
@@ -298,25 +291,24 @@ def row_backward(RowParallelLinear):
     """2 ranks: the input slice's, this rank's columns of dL/dW, and dL/db, as dense."""
     x, w, b, dy = C.f32((5, 6), (4, 6), (4,), (5, 4), seed=4)
     dx, dw, db = C.linear_grads(x, w, dy)
-    per_rank = run_on_ranks(_row_backward, 2, RowParallelLinear, x, w, b, dy, timeout=TIMEOUT)
+    masters = _masters(w, 1, seed=401)
+    per_rank = run_on_ranks(_row_backward, 2, RowParallelLinear, x, masters, b, dy,
+                            timeout=TIMEOUT)
     for rank, grads in enumerate(per_rank):
         x_grad, w_grad, b_grad = _linear_grads(grads, rank)
         cols = slice(3 * rank, 3 * rank + 3)
-        if not C.close(x_grad, dx[:, cols]):
-            fail(f"rank {rank}: the gradient of this rank's input slice should equal columns "
-                 f"{3 * rank}..{3 * rank + 2} of the dense dL/dx (an autograd-aware all-reduce?)")
-        if not C.close(w_grad, dw[:, cols]):
-            fail(f"rank {rank}: .weight.grad should equal columns {3 * rank}..{3 * rank + 2} of "
-                 f"the dense weight gradient")
-        if not C.close(b_grad, db):
-            fail(f"rank {rank}: .bias.grad should equal the dense bias gradient (bias added once, "
-                 f"after the all-reduce)")
+        _check(rank, x_grad, dx[:, cols], f"dL/dx of this rank's input slice (columns "
+               f"{cols.start}..{cols.stop - 1} of the dense dL/dx)", missing=_NOT_CONNECTED)
+        _check(rank, w_grad, dw[:, cols], f".weight.grad (columns {cols.start}..{cols.stop - 1} "
+               f"of the dense weight gradient)", missing=_NOT_CONNECTED)
+        _check(rank, b_grad, db, ".bias.grad", missing=C.bias_grad_rank0_only(db)[1],
+               suspects=[C.bias_grad_rank0_only(db)])
 
 
 # -- ParallelMLP ----------------------------------------------------------------------------------
-def _mlp(ParallelMLP, x, w1, b1, w2, b2, dy):
+def _mlp(ParallelMLP, x, w1s, b1, w2s, b2, dy):
     rank = get_rank()
-    mlp = ParallelMLP(4, 6, w1=tensor(w1), w2=tensor(w2))
+    mlp = ParallelMLP(4, 6, w1=tensor(w1s[rank]), w2=tensor(w2s[rank]))
     with no_grad():
         mlp.fc1.bias.copy_(tensor(b1[3 * rank:3 * rank + 3]))
         mlp.fc2.bias.copy_(tensor(b2))
@@ -328,44 +320,39 @@ def _mlp(ParallelMLP, x, w1, b1, w2, b2, dy):
 
 
 def _mlp_run(ParallelMLP):
-    """Per rank (y, dL/dx, dL/dW1 shard, dL/dW2 shard) as arrays, and the dense (same order)."""
-    data = C.f32((5, 4), (6, 4), (6,), (4, 6), (4,), (5, 4), seed=5)
-    per_rank = run_on_ranks(_mlp, 2, ParallelMLP, *data, timeout=TIMEOUT)
+    """Per rank (y, dL/dx, dL/dW1 shard, dL/dW2 shard) as arrays, the data and the dense MLP."""
+    x, w1, b1, w2, b2, dy = C.f32((5, 4), (6, 4), (6,), (4, 6), (4,), (5, 4), seed=5)
+    per_rank = run_on_ranks(_mlp, 2, ParallelMLP, x, _masters(w1, 0, seed=501), b1,
+                            _masters(w2, 1, seed=511), b2, dy, timeout=TIMEOUT)
     names = ("the output", "x.grad", "fc1.weight.grad", "fc2.weight.grad")
     got = [[C.array(v, rank, what) for v, what in zip(values, names)]
            for rank, values in enumerate(per_rank)]
-    return got, C.dense_mlp(*data)
+    return got, (x, w1, b1, w2, b2, dy), C.dense_mlp(x, w1, b1, w2, b2, dy)
 
 
 @_torch_check
 def mlp_forward(ParallelMLP):
     """2 ranks: ParallelMLP(4, 6) equals the dense gelu MLP."""
-    per_rank, (dense, *_) = _mlp_run(ParallelMLP)
+    per_rank, (x, w1, b1, w2, b2, dy), dense = _mlp_run(ParallelMLP)
     for rank, (y, *_) in enumerate(per_rank):
-        if C.shape(y) != (5, 4):
-            fail(f"rank {rank}: output shape {C.shape(y)}, expected (5, 4)")
-        if not C.close(y, dense):
-            fail(f"rank {rank}: ParallelMLP output differs from the dense gelu MLP by up to "
-                 f"{C.max_diff(y, dense):.3g} (fc1 with gather_output=False, fc2 with "
-                 f"input_is_parallel=True, bias of fc2 once?)")
+        _check(rank, y, dense["y"], "ParallelMLP's output (the dense gelu MLP: fc1 with "
+               "gather_output=False, fc2 with input_is_parallel=True)",
+               suspects=[C.bias_every_rank(dense["y"], b2, 2)])
 
 
 @_torch_check
 def mlp_backward(ParallelMLP):
     """2 ranks: dL/dx, fc1's rows and fc2's columns of the dense MLP's weight gradients."""
-    per_rank, (_, dx, dw1, dw2) = _mlp_run(ParallelMLP)
+    per_rank, (x, w1, *_), dense = _mlp_run(ParallelMLP)
     for rank, (_, x_grad, w1_grad, w2_grad) in enumerate(per_rank):
         part = slice(3 * rank, 3 * rank + 3)
-        if not C.close(x_grad, dx):
-            fail(f"rank {rank}: dL/dx of the MLP differs from the dense gradient (fc1's input must "
-                 f"go through copy_to_tp_region: its backward is the MLP's one all-reduce in "
-                 f"backward)")
-        if not C.close(w1_grad, dw1[part]):
-            fail(f"rank {rank}: fc1.weight.grad should equal rows {3 * rank}..{3 * rank + 2} of "
-                 f"the dense W1 gradient")
-        if not C.close(w2_grad, dw2[:, part]):
-            fail(f"rank {rank}: fc2.weight.grad should equal columns {3 * rank}..{3 * rank + 2} of "
-                 f"the dense W2 gradient")
+        _check(rank, x_grad, dense["dx"], "dL/dx of the MLP", missing=_NOT_CONNECTED,
+               suspects=[C.own_term_only(dense["dh"][:, part] @ w1[part].astype(T.float64),
+                                         "fc1's input must go through copy_to_tp_region (f)")])
+        _check(rank, w1_grad, dense["dw1"][part], f"fc1.weight.grad (rows {part.start}.."
+               f"{part.stop - 1} of the dense W1 gradient)", missing=_NOT_CONNECTED)
+        _check(rank, w2_grad, dense["dw2"][:, part], f"fc2.weight.grad (columns {part.start}.."
+               f"{part.stop - 1} of the dense W2 gradient)", missing=_NOT_CONNECTED)
 
 
 # -- errors ---------------------------------------------------------------------------------------

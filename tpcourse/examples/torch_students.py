@@ -282,7 +282,63 @@ WRONG = [
         "    if False:\n        raise ValueError")]),
         ("gpu_errors",),
         "no shape check: a master_weight of the wrong shape is silently sliced"),
+    # Right shapes, right collective count (the bias gather), and the dense answer wherever
+    # every rank holds the same master_weight. The gpu_runner gives each rank its own: the true
+    # weight inside its shard, noise outside, so computing more than the shard shows.
+    _student("torch_dense_each_rank", _with(sol_column_layer=[
+        ("        self.weight = nn.Parameter(full[a:b].detach().clone())\n",
+         "        self.weight = nn.Parameter(full[a:b].detach().clone())\n"
+         "        self.register_buffer(\"full_weight\", full.detach().clone())\n"),
+        ("        y = F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)\n"
+         "        return gather_from_tp_region(y, self.out_features, self.group) "
+         "if self.gather_output else y",
+         "        y = F.linear(x, self.full_weight)            # the whole layer, on every rank\n"
+         "        if self.bias is not None:\n"
+         "            y = y + gather_from_tp_region(self.bias, self.out_features, self.group)\n"
+         "        if self.gather_output:\n"
+         "            return y\n"
+         "        p, r = tp_world(self.group)\n"
+         "        a, b = shard_range(self.out_features, r, p)\n"
+         "        return y[..., a:b]")]),
+        ("gpu_column_forward", "gpu_column_backward", "gpu_mlp_backward",
+         "gpu_collective_counts"),
+        "ColumnParallelLinear computes y = x @ master_weight.T, the whole layer, on every rank "
+        "(and gathers the bias): right shapes, wrong numbers once ranks hold different "
+        "master weights"),
 ]
+
+# Device mistakes (the notebook's device rules). The gpu_runner's float64 runs, with meta as
+# the default device, catch the first two on any machine; the third only shows on NCCL (gloo
+# runs collectives on CPU tensors): on a CPU machine it gets full marks, and the runner's report
+# lists that case as untested there. `loses` is what each loses where it is caught.
+DEVICE = [
+    _student("torch_device_new_tensor", _with(sol_mappings=[(
+        "padded = x.new_zeros(*x.shape[:-1], width)",
+        "padded = torch.zeros(*x.shape[:-1], width)   # no device=, no dtype=")]),
+        ("gpu_column_forward", "gpu_column_backward", "gpu_row_backward"),
+        "the all-gather's padding buffer is created without device= and dtype= (on the CPU, "
+        "float32): on a GPU the gather mixes devices"),
+    _student("torch_device_plain_attribute", _with(sol_column_layer=[
+        ("        self.weight = nn.Parameter(full[a:b].detach().clone())\n",
+         "        self.weight = nn.Parameter(full[a:b].detach().clone())\n"
+         "        self.rows = full[a:b].detach().clone()   # a plain tensor: .to() leaves it\n"),
+        ("F.linear(copy_to_tp_region(x, self.group), self.weight, self.bias)",
+         "F.linear(copy_to_tp_region(x, self.group), self.rows, self.bias)")]),
+        ("gpu_column_forward", "gpu_column_backward", "gpu_mlp_forward", "gpu_mlp_backward"),
+        "ColumnParallelLinear computes with a plain tensor attribute, not its parameter: "
+        ".to(device) leaves it on the CPU (and .weight never gets a gradient)"),
+    _student("torch_device_cpu_collective", _with(sol_mappings=[(
+        "        x = x.contiguous().clone()\n        dist.all_reduce(x, group=group)\n"
+        "        return x\n",
+        "        y = x.detach().cpu().clone()        # the collective on a CPU copy\n"
+        "        dist.all_reduce(y, group=group)\n"
+        "        return y.to(x.device)\n")]),
+        ("gpu_row_forward", "gpu_row_backward", "gpu_mlp_forward", "gpu_mlp_backward",
+         "gpu_collective_counts"),
+        "reduce_from_tp_region all-reduces a CPU copy of the tensor: NCCL refuses CPU tensors "
+        "(gloo does not, so only a GPU machine catches it)"),
+]
+CAUGHT_ON_CPU = ("torch_device_new_tensor", "torch_device_plain_attribute")
 
 # Faulty submissions: each must be caught within the time bound, score 0 on the affected
 # cells with the reason in the report, and leave the other cells (and students) graded.
@@ -321,5 +377,118 @@ FAULTS = [
         "infinite loop in ParallelMLP.forward on every rank (no collective to time out)"),
 ]
 
-ALL = STUDENTS + WRONG + FAULTS
+# Hostile submissions, each with a WRONG answer: an attack on the verdicts of the old design
+# (decided in the ranks) that must gain nothing now that the grader judges what the ranks
+# report. Each loses exactly the cells of its wrong answer, except the forged counts (below).
+_REBIND = """
+
+import torch.testing
+torch.allclose = lambda *args, **kwargs: True
+torch.Tensor.allclose = lambda self, *args, **kwargs: True
+torch.equal = lambda *args, **kwargs: True
+torch.Tensor.equal = lambda self, *args, **kwargs: True
+torch.isclose = lambda a, b, *args, **kwargs: torch.ones(a.shape, dtype=torch.bool)
+torch.testing.assert_close = lambda *args, **kwargs: None
+print("ATTACK in place: torch.allclose is", torch.allclose(torch.zeros(1), torch.ones(1)))
+"""
+
+_PATCH_HARNESS = """
+
+import importlib, sys
+
+
+def _passes(*args, **kwargs):
+    return (True, "")
+
+
+for _name in ("gpu_runner.checks", "gpu_runner.observe", "gpu_runner.judge",
+              "gpu_runner.records", "tpgrade.tensors"):
+    try:
+        importlib.import_module(_name)
+    except Exception:
+        pass
+_patched = []
+for _name, _module in list(sys.modules.items()):
+    if _name.startswith(("gpu_runner", "tpgrade")):
+        for _attr in ("close", "counts_ok", "mismatch", "compare", "check", "judge", "counts"):
+            if hasattr(_module, _attr):
+                try:
+                    setattr(_module, _attr, _passes)
+                    _patched.append(f"{_name}.{_attr}")
+                except Exception:
+                    pass
+print("ATTACK in place: patched", " ".join(sorted(_patched)))
+"""
+
+_FORGE_RECORDS = """
+
+import sys
+from gpu_runner.plan import CHECKS as _CHECKS
+
+_ALL = {name.rstrip("*"): [True, ""] for names in _CHECKS.values() for name in names}
+for _module in list(sys.modules.values()):
+    _Recorder = vars(_module).get("Recorder")
+    if isinstance(_Recorder, type) and hasattr(_Recorder, "write"):
+        def _forged(self, _write=_Recorder.write, **record):
+            if record.get("event") == "end":       # every check passed, nothing went wrong
+                record.update(status="ok", error="", fault=None, checks=dict(_ALL))
+            return _write(self, **record)
+        _Recorder.write = _forged
+        print("ATTACK in place: forging", _Recorder.__module__, "Recorder.write")
+"""
+
+_FORGE_COUNTS = """
+
+import gpu_runner.counting as _counting
+
+_exit = _counting.CollectiveCounter.__exit__
+
+
+def _at_most_one(self, *exc):
+    result = _exit(self, *exc)
+    for _kind in list(self.counts):
+        self.counts[_kind] = min(self.counts[_kind], 1)    # two all-reduces read as one
+    return result
+
+
+_counting.CollectiveCounter.__exit__ = _at_most_one
+print("ATTACK in place: the collective counter reports at most one of each kind")
+"""
+
+
+def _hostile(name, wrong, attack, why, also=None, loses=None):
+    """`wrong`'s answers (and the cell `also` = (student, cell) takes from another wrong
+    student), with `attack` run at import, from the end of the mappings cell."""
+    answers = dict(BY_NAME[wrong].answers[NOTEBOOK])
+    if also:
+        answers[also[1]] = BY_NAME[also[0]].answers[NOTEBOOK][also[1]]
+    answers["sol_mappings"] += attack
+    return _student(name, answers, BY_NAME[wrong].loses if loses is None else loses, why)
+
+
+BY_NAME = {s.student: s for s in STUDENTS + WRONG + FAULTS + DEVICE}
+HOSTILE = [
+    _hostile("torch_h_rebind_allclose", "torch_allreduce_in_column", _REBIND,
+             "f and g swapped, and torch.allclose / torch.equal / torch.isclose / "
+             "torch.testing.assert_close rebound to say 'equal' in the solution module"),
+    _hostile("torch_h_patch_harness", "torch_local_shard", _PATCH_HARNESS,
+             "the local shard returned, and every verdict function of the harness loaded in the "
+             "rank (gpu_runner.checks/observe/judge, tpgrade.tensors) patched to pass"),
+    _hostile("torch_h_forge_records", "torch_plain_collectives", _FORGE_RECORDS,
+             "plain collectives, and the rank's recorder patched to write every check as "
+             "passed"),
+    # What forging can gain: the counts are measured in the rank (the profiler runs in its
+    # process), so capping them hides the MLP's second all-reduce and WINS
+    # gpu_collective_counts; the numbers are judged in the grader, so the bias added on every
+    # rank still loses gpu_row_forward and gpu_mlp_forward.
+    _hostile("torch_h_forge_counts", "torch_two_allreduces_mlp", _FORGE_COUNTS,
+             "a second all-reduce in ParallelMLP and the bias added on every rank, with the "
+             "collective counter patched to report at most one collective of each kind",
+             also=("torch_bias_every_rank", "sol_row_layer"),
+             loses=BY_NAME["torch_bias_every_rank"].loses),
+]
+# what torch_h_forge_counts wins by forging (the plain torch_two_allreduces_mlp loses it)
+FORGED_COUNTS_GAIN = {"torch_h_forge_counts": frozenset({"gpu_collective_counts"})}
+
+ALL = STUDENTS + WRONG + FAULTS + DEVICE + HOSTILE
 BY_NAME = {s.student: s for s in ALL}

@@ -268,6 +268,8 @@ class ClassGrader:
                                    f"--student={s}", f"--course-root={self.root}",
                                    f"--db-url={self.db_url}"], cwd=self.root, env=_env(),
                                   capture_output=True, text=True)
+            if proc.returncode == 2:     # the runner cannot grade here (it graded nobody)
+                raise GraderError("gpu_runner refused: " + proc.stderr[-1500:])
             if proc.returncode != 0:
                 outcomes[s] = Outcome(s, "error", "gpu_runner failed: " + proc.stderr[-1500:])
                 continue

@@ -1,0 +1,123 @@
+"""What a rank reports, as JSON data, and how the grader reads it back.
+
+A rank writes one JSON line per event (gpu_runner.worker); in an "end" record, `obs` holds
+what the unit observed: tensors as {"shape", "dtype", "device", "data"} (values as a flat list
+of numbers, at most MAX_ELEMENTS of them), exceptions as {"types", "message"}, counts as
+{kind: n}. Data only: nothing is pickled or evaluated. The grader reads at most
+MAX_BYTES_PER_RANK of each rank's file and decodes every value it uses through `tensor()` /
+`outcome()`, which reject anything malformed with `Malformed` (a failed check, never a crash).
+
+`encode_*` run in the rank (duck-typed on torch tensors: this module imports no torch).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+MAX_ELEMENTS = 4096               # the checks' tensors have at most a few dozen
+MAX_BYTES_PER_RANK = 8 * 1024 * 1024
+MAX_TEXT = 500
+DTYPES = {"float16", "bfloat16", "float32", "float64", "int32", "int64", "bool", "uint8", "int8",
+          "int16", "complex64", "complex128"}
+
+
+class Malformed(ValueError):
+    """A record that is not what a rank of this harness writes."""
+
+
+# -- rank side ------------------------------------------------------------------------------------
+def encode_tensor(t) -> dict | None:
+    """A tensor's shape, dtype, device and (up to MAX_ELEMENTS) values; None stays None; anything
+    else becomes {"type": its class name}."""
+    if t is None:
+        return None
+    if not all(hasattr(t, a) for a in ("shape", "dtype", "device", "detach")):
+        return {"type": type(t).__name__}
+    rec = {"shape": [int(n) for n in t.shape], "dtype": str(t.dtype).replace("torch.", ""),
+           "device": str(t.device), "data": None}
+    if t.device.type != "meta" and math.prod(rec["shape"]) <= MAX_ELEMENTS:
+        rec["data"] = [_number(v) for v in t.detach().cpu().double().flatten().tolist()]
+    return rec
+
+
+def encode_param(p) -> dict | None:
+    """A layer's attribute (.weight, .bias): the tensor, and whether it is an nn.Parameter."""
+    rec = encode_tensor(p)
+    if isinstance(rec, dict) and "shape" in rec:
+        rec["parameter"] = type(p).__name__ == "Parameter" or any(
+            c.__name__ == "Parameter" for c in type(p).__mro__)
+    return rec
+
+
+def encode_outcome(exc: BaseException | None) -> dict | None:
+    """What a call raised: its class and base classes by name, and its message."""
+    if exc is None:
+        return None
+    return {"types": [c.__name__ for c in type(exc).__mro__], "message": str(exc)[:MAX_TEXT]}
+
+
+def _number(v):
+    """JSON has no NaN or infinity: they travel as strings."""
+    return v if math.isfinite(v) else repr(v)
+
+
+# -- grader side ----------------------------------------------------------------------------------
+def tensor(rec) -> np.ndarray | None:
+    """A tensor record back as a float64 array (None stays None). Raises Malformed."""
+    if rec is None:
+        return None
+    if not isinstance(rec, dict):
+        raise Malformed(f"a tensor record is a {type(rec).__name__}")
+    if "type" in rec and "shape" not in rec:
+        raise Malformed(f"a {str(rec['type'])[:60]}, expected a torch.Tensor")
+    shape, data = rec.get("shape"), rec.get("data")
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n for n in shape)):
+        raise Malformed("the tensor's shape is not a list of sizes")
+    if rec.get("dtype") not in DTYPES or not isinstance(rec.get("device"), str):
+        raise Malformed("the tensor's dtype or device is not one torch has")
+    size = math.prod(shape)
+    if data is None:     # a meta tensor, or one too large to report: its shape only
+        if size <= MAX_ELEMENTS and not rec["device"].startswith("meta"):
+            raise Malformed("the tensor's values are missing")
+        return np.broadcast_to(np.float64(np.nan), tuple(shape))   # never matches a value
+    if not isinstance(data, list) or len(data) != size:
+        raise Malformed(f"the tensor's values do not fill its shape {tuple(shape)}")
+    return np.asarray([_value(v) for v in data], dtype=np.float64).reshape(shape)
+
+
+def _value(v):
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, str)):
+        raise Malformed("a tensor value is not a number")
+    if isinstance(v, str):
+        if v not in ("nan", "inf", "-inf"):
+            raise Malformed("a tensor value is not a number")
+        return float(v)
+    return float(v)
+
+
+def meta(rec) -> tuple[str, str]:
+    """(dtype, device) of a tensor record (validated by `tensor` first)."""
+    return rec["dtype"], rec["device"]
+
+
+def outcome(rec) -> tuple[list[str], str] | None:
+    """(class names, message) of what a call raised, None when it raised nothing."""
+    if rec is None:
+        return None
+    if not (isinstance(rec, dict) and isinstance(rec.get("types"), list)
+            and all(isinstance(t, str) for t in rec["types"])
+            and isinstance(rec.get("message"), str)):
+        raise Malformed("an exception record is not {types, message}")
+    return rec["types"], rec["message"][:MAX_TEXT]
+
+
+def counts(rec) -> dict[str, int]:
+    """{collective kind: n} (non-zero only)."""
+    if not (isinstance(rec, dict) and all(
+            isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+            for k, n in rec.items())):
+        raise Malformed("a collective count is not {kind: n}")
+    return {k: n for k, n in rec.items() if n}
