@@ -165,7 +165,7 @@ def grade_student(student, args, root, src_path, cfg, reports) -> dict:
         raise FileNotFoundError(f"no submission {sub_path}")
     module = folder / "solution.py"
     missing = extract.write_module(source_nb, extract.read(sub_path), module)
-    plan = make_plan(cfg.sizes, timing=not args.no_timing)
+    plan = make_plan(cfg.sizes, timing=not args.no_timing, cells=extract.gpu_cells(source_nb))
     rep = grade_module(student, module, folder, plan, cfg, args.assignment, src_path.stem,
                        extract.gpu_cells(source_nb))
     rep["missing_cells"] = missing

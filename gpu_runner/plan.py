@@ -81,18 +81,29 @@ class Unit:
         return range(world - self.size, world)
 
 
-def make_plan(sizes, timing: bool = True) -> list[Unit]:
+# The layers, in the order their units run (a new torch assignment's layers are appended here,
+# with their STEPS, CHECKS and cells).
+LAYERS = ("column", "row", "mlp")
+
+
+def make_plan(sizes, timing: bool = True, cells=None) -> list[Unit]:
+    """Every unit at every world size; with `cells` (the grade_ids of a notebook's gpu_* cells),
+    only the units with a check counting towards one of them (an assignment's own layers)."""
     sizes = sorted(set(sizes))
     world = sizes[-1]
     units = [Unit("errors", step, world) for step in STEPS["errors"]]
-    for kind in ("column", "row", "mlp"):
+    for kind in LAYERS:
         steps = STEPS[kind]
         if steps[0] == "shards":    # cheap and independent: in before any fault can happen
             units += [Unit(kind, "shards", p) for p in sizes]
             steps = steps[1:]
         units += [Unit(kind, step, p) for p in sizes for step in steps]
+    if cells is not None:
+        units = [u for u in units if any(cell_of(n) in cells for n in CHECKS[(u.kind, u.step)])]
     if timing:
-        units += [Unit("timing", layer, p) for layer in TIMED_LAYERS for p in sizes]
+        layers = {u.kind for u in units}
+        units += [Unit("timing", layer, p) for layer in TIMED_LAYERS if layer in layers
+                  for p in sizes]
     return units
 
 

@@ -45,7 +45,7 @@ def check(src_path: Path, root: Path, reports: Path, cfg, assignment: str, log=p
     # a folder of this run's own: shards of one class (Slurm, Kubernetes) may share `reports`
     run = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
     extract.write_module(source_nb, source_nb, run / "solution.py")
-    plan = make_plan(cfg.sizes, timing=False)
+    plan = make_plan(cfg.sizes, timing=False, cells=extract.gpu_cells(source_nb))
     try:
         rep = grade_module(NAME, run / "solution.py", run, plan, cfg, assignment,
                            src_path.stem, extract.gpu_cells(source_nb))
