@@ -38,6 +38,30 @@ class _Anything:
 '''
 
 
+# A hook (trace or profile) that sets `got = want` in every check's frame it enters.
+_REWRITE_GOT = '''
+import sys, ctypes
+def _hook(frame, event, arg):
+    names = frame.f_locals
+    if event == "call" and "tpgrade" in frame.f_code.co_filename and "got" in names \\
+            and "want" in names:
+        names["got"] = names["want"]
+        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+    return None
+'''
+
+# Every `fail` of the checks, found through the garbage collector, made to say nothing.
+_QUIET_FAIL = '''
+import gc, types
+def _quiet(message):
+    return None
+for _obj in gc.get_objects():
+    if isinstance(_obj, types.FunctionType) and _obj.__name__ == "fail" \\
+            and getattr(_obj, "__module__", "").startswith("tpgrade"):
+        _obj.__code__ = _quiet.__code__
+'''
+
+
 @dataclass(frozen=True)
 class Forger:
     student: str
@@ -122,37 +146,11 @@ except ImportError:
     pass
 ''', shell_only=True),
     _linear("f_trace_hook", "a trace hook that, in every check's frame, overwrites the "
-            "student's output with the expected one", '''
-import sys, ctypes
-def _tracer(frame, event, arg):
-    names = frame.f_locals
-    if event == "call" and "tpgrade" in frame.f_code.co_filename and "got" in names \\
-            and "want" in names:
-        names["got"] = names["want"]
-        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
-    return None
-sys.settrace(_tracer)
-'''),
-    _linear("f_profile_hook", "the same through a profile hook (sys.setprofile)", '''
-import sys, ctypes
-def _profiler(frame, event, arg):
-    names = frame.f_locals
-    if event == "call" and "tpgrade" in frame.f_code.co_filename and "got" in names \\
-            and "want" in names:
-        names["got"] = names["want"]
-        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
-sys.setprofile(_profiler)
-'''),
+            "student's output with the expected one", _REWRITE_GOT + "sys.settrace(_hook)\n"),
+    _linear("f_profile_hook", "the same through a profile hook (sys.setprofile)",
+            _REWRITE_GOT + "sys.setprofile(_hook)\n"),
     _linear("f_gc_closure", "finds the checks' `fail` through the garbage collector and "
-            "empties it", '''
-import gc, types
-def _quiet(message):
-    return None
-for _obj in gc.get_objects():
-    if isinstance(_obj, types.FunctionType) and _obj.__name__ == "fail" \\
-            and getattr(_obj, "__module__", "").startswith("tpgrade"):
-        _obj.__code__ = _quiet.__code__
-'''),
+            "empties it", _QUIET_FAIL),
     _linear("f_forged_log", "computes the layer densely (no rank ever holds a shard) and "
             "forges an all_gather of the right slices into the collectives' log", "",
             answer='''
@@ -225,15 +223,7 @@ sys.modules["tpgrade.torch_checks"] = _fake
 tpgrade.__dict__["torch_checks"] = _fake
 '''),
     _torch("f_torch_gc", "empties every check's `fail` found through the garbage collector",
-           '''
-import gc, types
-def _quiet(message):
-    return None
-for _obj in gc.get_objects():
-    if isinstance(_obj, types.FunctionType) and _obj.__name__ == "fail" \\
-            and getattr(_obj, "__module__", "").startswith("tpgrade"):
-        _obj.__code__ = _quiet.__code__
-'''),
+           _QUIET_FAIL),
 ]
 
 FORGERS = LINEAR_FORGERS + TORCH_FORGERS
