@@ -7,12 +7,15 @@ the judge (the test cells decided in the grader's process, the student's functio
 sandboxed process of their own: the course's nbgrader_config.py as shipped), the other with
 `c.Judge.enabled = False` (the test cells run in the student's kernel, as before the judge).
 Both are sandboxed. The rounds alternate which goes first, so a machine whose speed drifts
-(shared CPU) weighs on both alike; the figure is the ratio of the two totals, and both must give
+(shared CPU) weighs on both alike; the figures are the ratios of the two totals, in wall time
+(what one `nbgrader autograde` takes: the judge runs alongside the kernel) and in CPU time of
+every process involved (what a class grader whose cores are all busy pays), and both must give
 every notebook the same scores.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -38,10 +41,18 @@ def course_for(mode: str, assignments, n: int, root: Path) -> Course:
     return course
 
 
-def timed_autograde(course: Course) -> float:
+def timed_autograde(course: Course) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of every process it ran: nbgrader, kernels, the judge's
+    student processes)."""
+    cpu = _children_cpu()
     start = time.perf_counter()
     course.autograde("*")          # --force: every round grades every notebook again
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu() - cpu
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv=None) -> int:
@@ -51,23 +62,28 @@ def main(argv=None) -> int:
     ap.add_argument("--assignment", nargs="+", default=["tp_linear", "tp_mlp"])
     args = ap.parse_args(argv)
     totals = {mode: 0.0 for mode in MODES}
+    cpu = {mode: 0.0 for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="tp-judge-bench-") as tmp:
         courses = {m: course_for(m, args.assignment, args.n, Path(tmp)) for m in MODES}
         for r in range(args.rounds):
             for mode in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
-                seconds = timed_autograde(courses[mode])
+                seconds, cpu_seconds = timed_autograde(courses[mode])
                 totals[mode] += seconds
-                print(f"round {r + 1}: {mode:6s} {seconds:7.1f} s", flush=True)
+                cpu[mode] += cpu_seconds
+                print(f"round {r + 1}: {mode:6s} {seconds:7.1f} s wall, {cpu_seconds:7.1f} s CPU",
+                      flush=True)
         scores = {m: {a: gradebook_scores(c, a) for a in args.assignment}
                   for m, c in courses.items()}
     notebooks = args.n * len(args.assignment) * args.rounds
     per = {m: t / notebooks for m, t in totals.items()}
+    per_cpu = {m: t / notebooks for m, t in cpu.items()}
     same = scores["judge"] == scores["kernel"]
     print(f"{notebooks} notebooks per mode ({', '.join(args.assignment)}), reference solutions")
-    print(f"  with the judge      {per['judge']:.2f} s per notebook")
-    print(f"  test cells in the kernel (no judge) {per['kernel']:.2f} s per notebook")
-    print(f"  the judge's cost: {100 * (per['judge'] / per['kernel'] - 1):+.0f}% "
-          f"({per['judge'] / per['kernel']:.2f}x); identical scores: {same}")
+    for what, figures in (("wall", per), ("CPU", per_cpu)):
+        print(f"  {what:4s}: with the judge {figures['judge']:.2f} s per notebook, test cells in "
+              f"the kernel {figures['kernel']:.2f} s: the judge's cost "
+              f"{100 * (figures['judge'] / figures['kernel'] - 1):+.0f}%")
+    print(f"  identical scores: {same}")
     return 0 if same else 1
 
 
