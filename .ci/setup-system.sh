@@ -4,11 +4,15 @@
 #   bubblewrap  - bwrap: namespaces + read-only/hidden filesystem view for student kernels
 #   util-linux  - prlimit (resource limits) and setpriv (drop to an unprivileged uid)
 #   postgresql  - initdb/pg_ctl for the throwaway Postgres gradebook in tests/test_grade_class.py
+#   chromium, chromium-driver - the headless browser of tests/test_browser.py (what a person sees
+#                 in JupyterLab, the formgrader and the feedback), driven through selenium
 set -euo pipefail
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 { command -v prlimit && command -v setpriv; } >/dev/null 2>&1 || need+=(util-linux)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
     export DEBIAN_FRONTEND=noninteractive

@@ -3,6 +3,9 @@
 The demo, the tests and the benchmarks all grade through this: a temporary course root with
 the repository's nbgrader_config.py and source/ copied in, a private exchange directory, and
 the stock `nbgrader` commands run as subprocesses, exactly as an instructor runs them.
+Everything a cycle writes stays in the course root: the exchange, the students' working
+folders and their nbgrader caches (nbgrader's default cache is the user's Jupyter data dir,
+where example students would pile up in a real user's Assignments tab).
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ class Course:
         exchange = root / "exchange"
         exchange.mkdir(exist_ok=True)
         config = (REPO / "nbgrader_config.py").read_text()
-        config += f"\nc.Exchange.root = {str(exchange)!r}\n" + extra_config
+        config += (f"\nc.Exchange.root = {str(exchange)!r}\n"
+                   f"c.Exchange.cache = {str(root / 'nbgrader_cache')!r}\n" + extra_config)
         (root / "nbgrader_config.py").write_text(config)
         for name in assignments or _assignments():
             shutil.copytree(REPO / "source" / name, root / "source" / name, dirs_exist_ok=True)
@@ -66,22 +70,30 @@ class Course:
     def release(self, assignment: str):
         return self.nbgrader("release_assignment", assignment, "--force")
 
-    def fetch_as(self, student: str, assignment: str) -> Path:
-        """Fetch the released assignment into a student's own working directory."""
+    def student_home(self, student: str) -> Path:
+        """A student's working folder (where they run nbgrader), with their nbgrader cache."""
         home = self.root / "students" / student
         home.mkdir(parents=True, exist_ok=True)
-        self.nbgrader("fetch_assignment", assignment, f"--course={COURSE_ID}",
-                      f"--Exchange.root={self.exchange}", cwd=home)
-        return home / assignment
+        return home
+
+    def as_student(self, student: str, *args):
+        """`nbgrader ARGS` as a student runs it: in their folder, this course's exchange, their
+        own cache inside the course root."""
+        home = self.student_home(student)
+        return self.nbgrader(*args, f"--course={COURSE_ID}", f"--Exchange.root={self.exchange}",
+                             f"--Exchange.cache={home / '.nbgrader_cache'}", cwd=home)
+
+    def fetch_as(self, student: str, assignment: str) -> Path:
+        """Fetch the released assignment into a student's own working directory."""
+        self.as_student(student, "fetch_assignment", assignment)
+        return self.student_home(student) / assignment
 
     def submit_as(self, student: str, assignment: str, notebooks: dict | None = None):
         """Fetch, overwrite the notebooks with the student's work, and `nbgrader submit`."""
         work = self.fetch_as(student, assignment)
         for name, nb in (notebooks or {}).items():
             nbformat.write(nb, str(work / name))
-        home = work.parent
-        return self.nbgrader("submit", assignment, f"--course={COURSE_ID}", f"--student={student}",
-                             f"--Exchange.root={self.exchange}", cwd=home)
+        return self.as_student(student, "submit", assignment, f"--student={student}")
 
     def collect(self, assignment: str):
         return self.nbgrader("collect", assignment, "--update")
@@ -104,6 +116,15 @@ class Course:
 
     def generate_feedback(self, assignment: str):
         return self.nbgrader("generate_feedback", assignment, "--force")
+
+    def name_students(self, names: dict[str, tuple[str, str]]):
+        """Give students {id: (first name, last name)} in the gradebook (the formgrader lists
+        "last, first"; without names it shows "None, None")."""
+        from nbgrader.api import Gradebook
+        ensure_tools_on_path()
+        with Gradebook(self.db_url) as gb:
+            for student, (first, last) in names.items():
+                gb.update_or_create_student(student, first_name=first, last_name=last)
 
     def export(self, to: Path | None = None) -> Path:
         to = Path(to or self.root / "grades.csv")

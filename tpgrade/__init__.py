@@ -24,6 +24,7 @@ not a security boundary (tests/test_judge_catalogue.py shows 14 attacks getting 
 """
 from . import _trusted  # noqa: F401  (first: capture numpy before anything else runs)
 from . import _harness, comm, compare, linear, mlp, sequence, vocab  # noqa: F401
+from . import selfcheck  # noqa: F401  (the notebooks' self-check cells: tpgrade.selfcheck.run)
 
 __all__ = ["comm", "compare", "linear", "mlp", "sequence", "vocab"]
 

@@ -1,7 +1,8 @@
 """nbgrader's Execute, with every test cell's verdict decided by the judge.
 
 The notebook runs in its sandboxed kernel as before (SandboxedExecute), so the feedback shows
-what the student's cells printed or raised, but with the test cells left out. Then the judge
+what the student's cells printed or raised, but with the test cells and the self-check cells
+(tpgrade.selfcheck: the student's own preview of the tests, never part of a grade) left out. Then the judge
 (tpjudge) runs the test cells in THIS process, where no student code runs, against the
 student's functions in a fresh sandboxed process of their own, and writes each test cell's
 outputs: what the student's code printed during it and the verdict. nbgrader's SaveAutoGrades
@@ -17,7 +18,7 @@ import os
 import tempfile
 
 from tpjudge import notebook, session
-from tpjudge.cells import is_test
+from tpjudge.cells import is_self_check, is_test
 from tpjudge.errors import StudentGone
 from tpjudge.settings import Judge
 from tpsandbox import wrap
@@ -27,6 +28,7 @@ from tpsandbox.scratch import new_scratch, remove_tree, working_copy
 from .sandboxed_execute import SandboxedExecute
 
 PLACEHOLDER = "# (judged by the grader, outside this kernel)"
+SELF_CHECK_PLACEHOLDER = "# (a self-check: not run when grading)"
 
 
 class JudgeUnavailable(RuntimeError):
@@ -45,16 +47,20 @@ class JudgedExecute(SandboxedExecute):
             self._trial()
 
     def preprocess(self, nb, resources=None, km=None):
-        if not self.judge.enabled:
-            return super().preprocess(nb, resources, km)
-        tests = {i: cell.source for i, cell in enumerate(nb.cells) if is_test(cell)}
-        for i in tests:
-            nb.cells[i].source = PLACEHOLDER
+        held = {i: (cell.source, SELF_CHECK_PLACEHOLDER) for i, cell in enumerate(nb.cells)
+                if is_self_check(cell)}
+        if self.judge.enabled:
+            held.update({i: (cell.source, PLACEHOLDER) for i, cell in enumerate(nb.cells)
+                         if is_test(cell)})
+        for i, (_, placeholder) in held.items():
+            nb.cells[i].source = placeholder
         try:
             nb, resources = super().preprocess(nb, resources, km)
         finally:
-            for i, source in tests.items():
+            for i, (source, _) in held.items():
                 nb.cells[i].source = source
+        if not self.judge.enabled:
+            return nb, resources
         workdir = (resources or {}).get("metadata", {}).get("path") or os.getcwd()
         for i, outputs in notebook.judge(nb, lambda: self._start(workdir)).items():
             nb.cells[i].outputs = outputs
