@@ -26,6 +26,9 @@ from . import _trusted  # noqa: F401  (first: capture numpy before anything else
 from . import _harness, comm, compare, linear, mlp, sequence, vocab  # noqa: F401
 from . import selfcheck  # noqa: F401  (the notebooks' self-check cells: tpgrade.selfcheck.run)
 
+# In a notebook a failed check shows its verdict, whole and wrapped, not the checks' frames.
+_harness.show_verdicts(compare.CheckFailed)
+
 __all__ = ["comm", "compare", "linear", "mlp", "sequence", "vocab"]
 
 # Last: `tpgrade.linear = fake` in a solution cell would otherwise swap every check at once.
