@@ -33,8 +33,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.common.by import By
 
-from tpcourse.cycle import Course
 from tpcourse.examples.numpy_students import BIAS_EVERY_RANK
 from tpcourse.submissions import build
 from tpjudge.cells import gpu_cells, grade_id, is_given, is_self_check, read
@@ -185,7 +185,9 @@ def _stop(proc):
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def browser(server, tmp_path_factory):
+    """Chromium, logged in to the server (the token sets the login cookie that the
+    formgrader's own API calls need)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
@@ -199,6 +201,7 @@ def browser(tmp_path_factory):
     shots = tmp_path_factory.mktemp("screenshots")
     driver.shot = lambda name: driver.save_screenshot(str(shots / f"{name}.png"))
     print(f"\nscreenshots: {shots}")
+    driver.get(f"{server['base']}/lab?token={server['token']}")
     try:
         yield driver
     finally:
@@ -246,42 +249,40 @@ def _words(text) -> str:
 
 # -- the tests --------------------------------------------------------------------------------
 def test_feedback_shows_the_failed_checks_explanation_whole_and_wrapped(course, server, browser):
-    by = __import__("selenium.webdriver.common.by", fromlist=["By"]).By
     _open(browser, server, f"files/feedback/{STUDENT}/tp_linear/tp_linear.html")
     for gid in BIAS_EVERY_RANK.loses:           # test_row_bias_once, test_row_bias_after_reduce
         verdict = _verdict(course, "tp_linear", gid)
         summary = browser.find_element(
-            by.CSS_SELECTOR, f'li.tp-check[data-grade-id="{gid}"] .tp-explanation')
+            By.CSS_SELECTOR, f'li.tp-check[data-grade-id="{gid}"] .tp-explanation')
         g = _on_screen_whole(browser, summary)
         assert _words(g["text"]) == _words(verdict)
         browser.shot(f"feedback-summary-{gid}")
         in_cell = browser.find_element(
-            by.XPATH, f"//a[@name='{gid}']/following::pre[contains(@class,'tp-verdict')][1]")
+            By.XPATH, f"//a[@name='{gid}']/following::pre[contains(@class,'tp-verdict')][1]")
         g = _on_screen_whole(browser, in_cell)
         assert _words(g["text"]) == _words(verdict)
         browser.shot(f"feedback-cell-{gid}")
     assert g["pageWidth"] <= WIDTH, "the feedback page scrolls sideways"
     listed = [e.get_attribute("data-grade-id")
-              for e in browser.find_elements(by.CSS_SELECTOR, "li.tp-check")]
+              for e in browser.find_elements(By.CSS_SELECTOR, "li.tp-check")]
     assert sorted(listed) == sorted(BIAS_EVERY_RANK.loses)
-    toc = browser.find_element(by.ID, "toc").text
+    toc = browser.find_element(By.ID, "toc").text
     assert "Test cell" not in toc and "test_row_bias_once: the bias is counted exactly once" in toc
 
 
 def test_feedback_shows_a_failing_gpu_cell_and_the_gpu_report(course, server, browser):
-    by = __import__("selenium.webdriver.common.by", fromlist=["By"]).By
     _open(browser, server, f"files/feedback/{STUDENT}/tp_torch/tp_torch.html")
     summary = browser.find_element(
-        by.CSS_SELECTOR, 'li.tp-check[data-grade-id="gpu_row_forward"] .tp-explanation')
+        By.CSS_SELECTOR, 'li.tp-check[data-grade-id="gpu_row_forward"] .tp-explanation')
     g = _on_screen_whole(browser, summary)
     assert _words(g["text"]) == _words(GPU_SCORES["gpu_row_forward"][1])
     browser.shot("feedback-gpu-summary")
-    plot = browser.find_element(by.CSS_SELECTOR, ".tp-gpu-report img")
+    plot = browser.find_element(By.CSS_SELECTOR, ".tp-gpu-report img")
     assert browser.execute_script("return arguments[0].naturalWidth", plot) > 0
     _on_screen_whole(browser, plot)
     browser.shot("feedback-gpu-report")
     comment = browser.find_element(
-        by.XPATH, "//a[@name='comment-gpu_row_forward']/following::div[contains(@class,"
+        By.XPATH, "//a[@name='comment-gpu_row_forward']/following::div[contains(@class,"
                   "'panel-footer')][1]")
     g = _on_screen_whole(browser, comment)
     assert "row.forward@2: rank 0 of 2: max abs error 2.49" in g["text"]
@@ -290,7 +291,6 @@ def test_feedback_shows_a_failing_gpu_cell_and_the_gpu_report(course, server, br
 
 
 def test_formgrader_shows_gpu_scores_comments_and_readable_tables(course, server, browser):
-    by = __import__("selenium.webdriver.common.by", fromlist=["By"]).By
     from nbgrader.api import Gradebook
     with Gradebook(course.db_url) as gb:
         sub_id = gb.find_submission_notebook("tp_torch", "tp_torch", STUDENT).id
@@ -302,16 +302,16 @@ def test_formgrader_shows_gpu_scores_comments_and_readable_tables(course, server
             "const e = document.getElementById('gpu_row_forward'); return e && e.value;")
     _wait(browser, filled)
     for gid, (score, comment) in GPU_SCORES.items():
-        box = browser.find_element(by.ID, gid)
+        box = browser.find_element(By.ID, gid)
         assert float(box.get_attribute("value")) == score
-        assert browser.find_element(by.ID, f"{gid}-comment").get_attribute("value") == comment
+        assert browser.find_element(By.ID, f"{gid}-comment").get_attribute("value") == comment
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})",
-                           browser.find_element(by.ID, "gpu_row_forward"))
+                           browser.find_element(By.ID, "gpu_row_forward"))
     browser.shot("formgrader-gpu-cells")
     # The markdown table of the text: each cell padded, "computes on" and "its own part of
     # the batch" apart (without the course's CSS they ran together: "onits own part").
-    cell = browser.find_element(by.XPATH, "//td[normalize-space()='its own part of the batch']")
-    left = browser.find_element(by.XPATH, "//td[normalize-space()='each rank computes on']")
+    cell = browser.find_element(By.XPATH, "//td[normalize-space()='its own part of the batch']")
+    left = browser.find_element(By.XPATH, "//td[normalize-space()='each rank computes on']")
     gap = browser.execute_script("""
         const text = el => { const r = document.createRange(); r.selectNodeContents(el);
                              return r.getBoundingClientRect(); };
@@ -319,11 +319,18 @@ def test_formgrader_shows_gpu_scores_comments_and_readable_tables(course, server
     assert gap >= 8, f"the table's cells run together ({gap:.1f} px between them)"
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", cell)
     browser.shot("formgrader-table")
-    assert "not serializable" not in server["log"].read_text()
+    # The configuration panel names the course's plug-ins (it showed "[, , , ...]": the reprs
+    # of classes, "<class ...>", read as HTML tags). The panel is JSON only when the whole
+    # config is: jupyter_server's own ServerApp.jpserver_extensions never is (a traitlets
+    # LazyConfigValue, in every launch), and the formgrader then logs "not serializable".
+    _open(browser, server, "formgrader/manage_assignments")
+    panel = browser.find_element(By.CSS_SELECTOR, "#collapseConfig pre").get_attribute("textContent")
+    for section in ("autograde_preprocessors", "GenerateFeedback", "GenerateAssignment"):
+        shown = panel[panel.index(section):].split("]", 1)[0]
+        assert "[, " not in shown and ", ," not in shown and "'tpgrader." in shown, shown
 
 
 def test_the_students_self_check_names_the_mistake_like_the_grader(course, server, browser):
-    by = __import__("selenium.webdriver.common.by", fromlist=["By"]).By
     _open(browser, server, f"lab/tree/students/{STUDENT}/tp_linear/tp_linear.ipynb")
 
     def idle():
@@ -332,14 +339,14 @@ def test_the_students_self_check_names_the_mistake_like_the_grader(course, serve
             "const e = document.querySelector('.jp-Notebook-ExecutionIndicator');"
             "return e && e.getAttribute('data-status') === 'idle';")
     _wait(browser, idle, timeout=90)
-    browser.find_element(by.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel')]"
+    browser.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel')]"
                                    "[normalize-space()='Run']").click()
-    browser.find_element(by.XPATH, "//div[contains(@class,'lm-Menu-itemLabel')]"
+    browser.find_element(By.XPATH, "//div[contains(@class,'lm-Menu-itemLabel')]"
                                    "[normalize-space()='Run All Cells']").click()
 
     def report():
         """the row_parallel self-check's report"""
-        for out in browser.find_elements(by.CSS_SELECTOR, ".jp-OutputArea-output pre"):
+        for out in browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output pre"):
             if "Self-check of row_parallel" in out.text:
                 return out
         return None
@@ -350,6 +357,13 @@ def test_the_students_self_check_names_the_mistake_like_the_grader(course, serve
     assert "2 of 11 checks FAIL" in text
     for gid in BIAS_EVERY_RANK.loses:
         assert f"FAILED {gid} (hidden test): {_words(_verdict(course, 'tp_linear', gid))}" in text
+    # The diagrams fit: the column-parallel one, drawn in 80 columns, whole on screen with the
+    # file browser open.
+    diagram = browser.find_element(
+        By.XPATH, "//div[contains(@class,'jp-RenderedMarkdown')]//pre"
+                  "[contains(., 'concatenated on the last axis')]")
+    _on_screen_whole(browser, diagram)
+    browser.shot("jupyterlab-diagram")
     # The self-check cells themselves are not part of any grade: the grader left them unrun.
     graded = read(course.root / "autograded" / STUDENT / "tp_linear" / "tp_linear.ipynb")
     assert all(not c.outputs for c in graded.cells if is_self_check(c))

@@ -59,19 +59,19 @@ def graded(make_course, tmp_path_factory):
     assert len(set(keys)) == len(keys), "two catalogue entries share an (assignment, student)"
     # nbgrader's start-up dominates small commands: one call per step for both assignments
     # ("*" is nbgrader's own assignment glob); only the exchange steps go one by one.
-    course.generate("*")
-    source, release = course.root / "source", course.root / "release"
-    via_exchange = REFERENCE[0]
-    with _home(tmp_path_factory.mktemp("home")) as home:
+    with _home(tmp_path_factory.mktemp("home")) as home:   # the user's home stays untouched
+        course.generate("*")
+        source, release = course.root / "source", course.root / "release"
+        via_exchange = REFERENCE[0]
         course.release(via_exchange.assignment)
         course.submit_as(via_exchange.student, via_exchange.assignment,
                          build(via_exchange, source, release))
         course.collect(via_exchange.assignment)
-    for sub in everyone:
-        if sub != via_exchange:
-            course.place_submission(sub.student, sub.assignment, build(sub, source, release))
-    course.autograde("*")  # every student of every assignment in one call
-    course.generate_feedback("*")
+        for sub in everyone:
+            if sub != via_exchange:
+                course.place_submission(sub.student, sub.assignment, build(sub, source, release))
+        course.autograde("*")  # every student of every assignment in one call
+        course.generate_feedback("*")
     scores, tests = {}, {}
     for assignment in ASSIGNMENTS:
         for student, grades in gradebook_scores(course, assignment).items():
@@ -205,10 +205,11 @@ def _verdict(course, sub, gid):
     return "\n".join(f"{o.ename}: {o.evalue}" for o in cell.outputs if o.output_type == "error")
 
 
-def test_the_exchange_steps_write_nothing_outside_the_course(graded):
-    """release, fetch, submit, collect ran with a home of their own: nbgrader's cache (by
-    default in the user's Jupyter data dir, where example students would pile up in a real
-    user's Assignments tab) is in the course root, and the home is untouched."""
+def test_the_cycle_writes_nothing_outside_the_course(graded):
+    """The cycle (generate, release, fetch, submit, collect, autograde, feedback: what the demo
+    runs) ran with a home of its own, and left it empty: nbgrader's cache (by default in the
+    user's Jupyter data dir, where example students would pile up in a real user's Assignments
+    tab) is in the course root, with Jupyter's, IPython's and matplotlib's per-user folders."""
     assert [p for p in graded["home"].rglob("*")] == []
     student = graded["course"].student_home(REFERENCE[0].student)
     assert any((student / ".nbgrader_cache").rglob("*"))

@@ -5,7 +5,8 @@ the repository's nbgrader_config.py and source/ copied in, a private exchange di
 the stock `nbgrader` commands run as subprocesses, exactly as an instructor runs them.
 Everything a cycle writes stays in the course root: the exchange, the students' working
 folders and their nbgrader caches (nbgrader's default cache is the user's Jupyter data dir,
-where example students would pile up in a real user's Assignments tab).
+where example students would pile up in a real user's Assignments tab), and what Jupyter,
+IPython and matplotlib keep per user (Course.env).
 """
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ class Course:
             shutil.copytree(REPO / "source" / name, root / "source" / name, dirs_exist_ok=True)
         return cls(root, exchange)
 
+    def env(self) -> dict:
+        """The environment of this course's commands: the grader's (_clean_env), with the
+        per-user folders that Jupyter, IPython and matplotlib write to inside the course root
+        (nothing lands in the caller's home: no example student in their Assignments tab)."""
+        home = self.root / ".home"
+        return {**_clean_env(), "JUPYTER_CONFIG_DIR": str(home / "jupyter-config"),
+                "JUPYTER_DATA_DIR": str(home / "jupyter-data"),
+                "JUPYTER_RUNTIME_DIR": str(home / "jupyter-runtime"),
+                "IPYTHONDIR": str(home / "ipython"), "MPLCONFIGDIR": str(home / "matplotlib")}
+
     @property
     def db_url(self) -> str:
         return f"sqlite:///{self.root / 'gradebook.db'}"
@@ -58,7 +69,7 @@ class Course:
         """Run `nbgrader ARGS` (from this interpreter's environment) in the course root."""
         cmd = [sys.executable, "-m", "nbgrader", *map(str, args)]
         proc = subprocess.run(cmd, cwd=cwd or self.root, capture_output=True, text=True,
-                              timeout=timeout, env=_clean_env())
+                              timeout=timeout, env=self.env())
         if check and proc.returncode != 0:
             raise NbgraderError(f"{' '.join(cmd[2:])} exited {proc.returncode}:\n"
                                 f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

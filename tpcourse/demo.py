@@ -151,7 +151,8 @@ def grade_tp_torch_with_gpu_runner(course: Course, log=print) -> bool:
     course.name_students({"reference": example_name("reference")})
     course.autograde(assignment)
     proc = subprocess.run([sys.executable, "-m", "gpu_runner.grade", assignment,
-                           "--course-root", str(course.root)], capture_output=True, text=True)
+                           "--course-root", str(course.root)], capture_output=True, text=True,
+                          env=course.env())
     if proc.returncode != 0:
         log(f"tp_torch: gpu_runner.grade exited {proc.returncode}:\n{proc.stderr[-2000:]}")
         return False
