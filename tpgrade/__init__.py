@@ -6,7 +6,9 @@ Test cells are short calls, e.g.::
     check.column_matches_dense(column_parallel)
 
 Each check raises an AssertionError whose message names the mistake ("expected shape (3, 6),
-got (3, 3): only the local shard was returned?") and prints nothing on success.
+got (3, 3): only the local shard was returned?") and prints nothing on success. In a notebook
+the message shows alone, wrapped (_harness.show_verdicts), and `tpgrade.selfcheck.run` (the
+self-check cells) runs every check of an exercise, hidden tests included, and reports.
 
 Where the checks run, and what that protects
 --------------------------------------------
