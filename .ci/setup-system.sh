@@ -8,6 +8,8 @@
 #                 tests/test_grade_class_gpu.py (tests/slurm_cluster.py), which runs the
 #                 shipped gpu_runner/slurm/*.sbatch files
 #                 (the daemons are not started here: the test starts its own, in a temp dir)
+#   chromium, chromium-driver - the headless browser of tests/test_browser.py (what a person sees
+#                 in JupyterLab, the formgrader and the feedback), driven through selenium
 set -euo pipefail
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
@@ -17,6 +19,8 @@ command -v slurmctld >/dev/null 2>&1 || need+=(slurmctld)
 command -v slurmd >/dev/null 2>&1 || need+=(slurmd)
 command -v sbatch >/dev/null 2>&1 || need+=(slurm-client)
 command -v munged >/dev/null 2>&1 || need+=(munge)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
     export DEBIAN_FRONTEND=noninteractive

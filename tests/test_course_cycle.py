@@ -9,7 +9,9 @@ judge in-process (tests/test_judge_catalogue.py): what only nbgrader can show is
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import re
 
 import nbformat
@@ -18,6 +20,7 @@ import pytest
 
 from tpcourse.demo import catalogue, failed, gradebook_scores, is_looping
 from tpcourse.submissions import build, grade_id, is_solution, read
+from tpjudge.cells import is_self_check
 
 ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention")
 REFERENCE, UNMODIFIED, CATALOGUE = ([s for s in group if s.assignment in ASSIGNMENTS]
@@ -50,28 +53,44 @@ def _id(sub):
     return f"{sub.assignment}-{sub.student}"
 
 
+@contextlib.contextmanager
+def _home(folder):
+    """A user's home (and so Jupyter's data dir, nbgrader's default cache) in `folder`."""
+    saved = dict(os.environ)
+    os.environ["HOME"] = str(folder)
+    for key in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "JUPYTER_DATA_DIR"):
+        os.environ.pop(key, None)
+    try:
+        yield folder
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
-def graded(make_course):
+def graded(make_course, tmp_path_factory):
     """The course after the full cycle: {'course', 'scores': {(assignment, student): grades},
-    'tests': {assignment: {test grade_id: points}}, 'csv': rows of `nbgrader export`}."""
+    'tests': {assignment: {test grade_id: points}}, 'csv': rows of `nbgrader export`,
+    'home': the home the exchange steps ran with}."""
     course = make_course("cycle", assignments=list(ASSIGNMENTS))
     everyone = REFERENCE + UNMODIFIED + STUDENTS
     keys = [(s.assignment, s.student) for s in everyone]
     assert len(set(keys)) == len(keys), "two catalogue entries share an (assignment, student)"
     # nbgrader's start-up dominates small commands: one call per step for both assignments
     # ("*" is nbgrader's own assignment glob); only the exchange steps go one by one.
-    course.generate("*")
-    source, release = course.root / "source", course.root / "release"
-    via_exchange = REFERENCE[0]
-    course.release(via_exchange.assignment)
-    course.submit_as(via_exchange.student, via_exchange.assignment,
-                     build(via_exchange, source, release))
-    course.collect(via_exchange.assignment)
-    for sub in everyone:
-        if sub != via_exchange:
-            course.place_submission(sub.student, sub.assignment, build(sub, source, release))
-    course.autograde("*")  # every student of every assignment in one call
-    course.generate_feedback("*")
+    with _home(tmp_path_factory.mktemp("home")) as home:   # the user's home stays untouched
+        course.generate("*")
+        source, release = course.root / "source", course.root / "release"
+        via_exchange = REFERENCE[0]
+        course.release(via_exchange.assignment)
+        course.submit_as(via_exchange.student, via_exchange.assignment,
+                         build(via_exchange, source, release))
+        course.collect(via_exchange.assignment)
+        for sub in everyone:
+            if sub != via_exchange:
+                course.place_submission(sub.student, sub.assignment, build(sub, source, release))
+        course.autograde("*")  # every student of every assignment in one call
+        course.generate_feedback("*")
     scores, tests = {}, {}
     for assignment in ASSIGNMENTS:
         for student, grades in gradebook_scores(course, assignment).items():
@@ -79,7 +98,7 @@ def graded(make_course):
         tests[assignment] = _test_cells(source / assignment)
     with open(course.export()) as f:
         rows = list(csv.DictReader(f))
-    return {"course": course, "scores": scores, "tests": tests, "csv": rows}
+    return {"course": course, "scores": scores, "tests": tests, "csv": rows, "home": home}
 
 
 def _test_cells(folder):
@@ -184,6 +203,45 @@ def test_feedback_html_names_each_test_and_its_score(graded, sub):
         assert shown[gid] == grades[gid]
     for gid in sub.loses:  # the failed tests are named with their lost points
         assert shown[gid][0] < shown[gid][1]
+    # The summary at the top names every check (not "Test cell") and gives each failed one's
+    # explanation: the verdict the judge wrote, whole.
+    summary = html[:html.index('id="notebook"')]
+    assert ">Test cell<" not in summary
+    assert all(f"<code>{gid}</code>" in summary for gid in graded["tests"][sub.assignment])
+    explained = dict(re.findall(r'data-grade-id="(\w+)">.*?<div class="tp-explanation">(.*?)</div>',
+                                summary, re.S))
+    assert set(explained) == set(sub.loses)
+    for gid, text in explained.items():
+        assert _unescape(text) == _verdict(graded["course"], sub, gid)
+
+
+def _unescape(text):
+    import html
+    return html.unescape(text).strip()
+
+
+def _verdict(course, sub, gid):
+    path = next((course.root / "autograded" / sub.student / sub.assignment).glob("*.ipynb"))
+    [cell] = [c for c in read(path).cells if grade_id(c) == gid]
+    return "\n".join(f"{o.ename}: {o.evalue}" for o in cell.outputs if o.output_type == "error")
+
+
+def test_the_cycle_writes_nothing_outside_the_course(graded):
+    """The cycle (generate, release, fetch, submit, collect, autograde, feedback: what the demo
+    runs) ran with a home of its own, and left it empty: nbgrader's cache (by default in the
+    user's Jupyter data dir, where example students would pile up in a real user's Assignments
+    tab) is in the course root, with Jupyter's, IPython's and matplotlib's per-user folders."""
+    assert [p for p in graded["home"].rglob("*")] == []
+    student = graded["course"].student_home(REFERENCE[0].student)
+    assert any((student / ".nbgrader_cache").rglob("*"))
+
+
+def test_grading_never_runs_the_self_check_cells(graded):
+    course = graded["course"]
+    for sub in REFERENCE:
+        path = course.root / "autograded" / sub.student / sub.assignment / f"{sub.assignment}.ipynb"
+        cells = [c for c in read(path).cells if is_self_check(c)]
+        assert cells and all(not c.outputs for c in cells), sub.assignment
 
 
 def test_export_has_a_row_per_submission_with_its_total(graded):

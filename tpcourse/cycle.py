@@ -3,6 +3,10 @@
 The demo, the tests and the benchmarks all grade through this: a temporary course root with
 the repository's nbgrader_config.py and source/ copied in, a private exchange directory, and
 the stock `nbgrader` commands run as subprocesses, exactly as an instructor runs them.
+Everything a cycle writes stays in the course root: the exchange, the students' working
+folders and their nbgrader caches (nbgrader's default cache is the user's Jupyter data dir,
+where example students would pile up in a real user's Assignments tab), and what Jupyter,
+IPython and matplotlib keep per user (Course.env).
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ class Course:
         exchange = root / "exchange"
         exchange.mkdir(exist_ok=True)
         config = (REPO / "nbgrader_config.py").read_text()
-        config += f"\nc.Exchange.root = {str(exchange)!r}\n" + extra_config
+        config += (f"\nc.Exchange.root = {str(exchange)!r}\n"
+                   f"c.Exchange.cache = {str(root / 'nbgrader_cache')!r}\n" + extra_config)
         (root / "nbgrader_config.py").write_text(config)
         for name in assignments or _assignments():
             shutil.copytree(REPO / "source" / name, root / "source" / name, dirs_exist_ok=True)
@@ -54,6 +59,16 @@ class Course:
         cfg.write_text(cfg.read_text().replace(str(self.root), str(dest)))
         return Course(dest, dest / "exchange")
 
+    def env(self) -> dict:
+        """The environment of this course's commands: the grader's (_clean_env), with the
+        per-user folders that Jupyter, IPython and matplotlib write to inside the course root
+        (nothing lands in the caller's home: no example student in their Assignments tab)."""
+        home = self.root / ".home"
+        return {**_clean_env(), "JUPYTER_CONFIG_DIR": str(home / "jupyter-config"),
+                "JUPYTER_DATA_DIR": str(home / "jupyter-data"),
+                "JUPYTER_RUNTIME_DIR": str(home / "jupyter-runtime"),
+                "IPYTHONDIR": str(home / "ipython"), "MPLCONFIGDIR": str(home / "matplotlib")}
+
     @property
     def db_url(self) -> str:
         return f"sqlite:///{self.root / 'gradebook.db'}"
@@ -63,7 +78,7 @@ class Course:
         """Run `nbgrader ARGS` (from this interpreter's environment) in the course root."""
         cmd = [sys.executable, "-m", "nbgrader", *map(str, args)]
         proc = subprocess.run(cmd, cwd=cwd or self.root, capture_output=True, text=True,
-                              timeout=timeout, env=_clean_env())
+                              timeout=timeout, env=self.env())
         if check and proc.returncode != 0:
             raise NbgraderError(f"{' '.join(cmd[2:])} exited {proc.returncode}:\n"
                                 f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -75,22 +90,30 @@ class Course:
     def release(self, assignment: str):
         return self.nbgrader("release_assignment", assignment, "--force")
 
-    def fetch_as(self, student: str, assignment: str) -> Path:
-        """Fetch the released assignment into a student's own working directory."""
+    def student_home(self, student: str) -> Path:
+        """A student's working folder (where they run nbgrader), with their nbgrader cache."""
         home = self.root / "students" / student
         home.mkdir(parents=True, exist_ok=True)
-        self.nbgrader("fetch_assignment", assignment, f"--course={COURSE_ID}",
-                      f"--Exchange.root={self.exchange}", cwd=home)
-        return home / assignment
+        return home
+
+    def as_student(self, student: str, *args):
+        """`nbgrader ARGS` as a student runs it: in their folder, this course's exchange, their
+        own cache inside the course root."""
+        home = self.student_home(student)
+        return self.nbgrader(*args, f"--course={COURSE_ID}", f"--Exchange.root={self.exchange}",
+                             f"--Exchange.cache={home / '.nbgrader_cache'}", cwd=home)
+
+    def fetch_as(self, student: str, assignment: str) -> Path:
+        """Fetch the released assignment into a student's own working directory."""
+        self.as_student(student, "fetch_assignment", assignment)
+        return self.student_home(student) / assignment
 
     def submit_as(self, student: str, assignment: str, notebooks: dict | None = None):
         """Fetch, overwrite the notebooks with the student's work, and `nbgrader submit`."""
         work = self.fetch_as(student, assignment)
         for name, nb in (notebooks or {}).items():
             nbformat.write(nb, str(work / name))
-        home = work.parent
-        return self.nbgrader("submit", assignment, f"--course={COURSE_ID}", f"--student={student}",
-                             f"--Exchange.root={self.exchange}", cwd=home)
+        return self.as_student(student, "submit", assignment, f"--student={student}")
 
     def collect(self, assignment: str):
         return self.nbgrader("collect", assignment, "--update")
@@ -113,6 +136,15 @@ class Course:
 
     def generate_feedback(self, assignment: str):
         return self.nbgrader("generate_feedback", assignment, "--force")
+
+    def name_students(self, names: dict[str, tuple[str, str]]):
+        """Give students {id: (first name, last name)} in the gradebook (the formgrader lists
+        "last, first"; without names it shows "None, None")."""
+        from nbgrader.api import Gradebook
+        ensure_tools_on_path()
+        with Gradebook(self.db_url) as gb:
+            for student, (first, last) in names.items():
+                gb.update_or_create_student(student, first_name=first, last_name=last)
 
     def export(self, to: Path | None = None) -> Path:
         to = Path(to or self.root / "grades.csv")

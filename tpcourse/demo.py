@@ -5,7 +5,9 @@
 In demo_output/course (wiped first): sqlite gradebook, `nbgrader generate_assignment`,
 `release_assignment`, every student fetches and submits through the exchange, `collect`,
 `autograde`, `generate_feedback`, `export`. Prints one row per student and assignment and writes
-demo_output/grades.csv and the feedback HTML under demo_output/course/feedback/.
+demo_output/grades.csv and the feedback HTML under demo_output/course/feedback/. Everything it
+writes stays in demo_output/ (the exchange, the students' folders and nbgrader caches): no
+example student shows up in your own Jupyter's Assignments tab.
 """
 from __future__ import annotations
 
@@ -73,6 +75,11 @@ def demo_students() -> list[Submission]:
     return picked
 
 
+def example_name(student: str) -> tuple[str, str]:
+    """(first, last) for the gradebook: "Example", and the student id in words."""
+    return "Example", student.replace("_", " ").title()
+
+
 # -- reading results ----------------------------------------------------------------------------
 def gradebook_scores(course: Course, assignment: str) -> dict[str, dict[str, tuple[float, float]]]:
     """{student: {grade_id: (score, max)}} for every submission, in one gradebook session
@@ -112,6 +119,7 @@ def run(output: Path = OUTPUT, students: list[Submission] | None = None, log=pri
             course.submit_as(sub.student, assignment, build(sub, course.root / "source",
                                                             course.root / "release"))
         course.collect(assignment)
+        course.name_students({s.student: example_name(s.student) for s in subs})
         course.autograde(assignment)  # one call grades every collected submission
         course.generate_feedback(assignment)
         results[assignment] = gradebook_scores(course, assignment)
@@ -140,13 +148,17 @@ def grade_tp_torch_with_gpu_runner(course: Course, log=print) -> bool:
                      build(Submission("reference", assignment), course.root / "source",
                            course.root / "release"))
     course.collect(assignment)
+    course.name_students({"reference": example_name("reference")})
     course.autograde(assignment)
     proc = subprocess.run([sys.executable, "-m", "gpu_runner.grade", assignment,
-                           "--course-root", str(course.root)], capture_output=True, text=True)
+                           "--course-root", str(course.root)], capture_output=True, text=True,
+                          env=course.env())
     if proc.returncode != 0:
         log(f"tp_torch: gpu_runner.grade exited {proc.returncode}:\n{proc.stderr[-2000:]}")
         return False
     course.generate_feedback(assignment)
+    from tpgrader.classgrade.gpu_feedback import attach
+    attach(course.root, assignment)   # the runner's report and plot, into the feedback folder
     log("tp_torch: graded by gpu_runner")
     return True
 

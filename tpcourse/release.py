@@ -11,13 +11,13 @@ tests/test_release.py can regenerate into a temporary folder and compare.
 from __future__ import annotations
 
 import ast
-import builtins
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from tpjudge.cells import is_given, is_solution, is_test, strip_markers, without_magics
+from tpjudge.cells import (bound_names, free_names, is_given, is_solution, is_test, strip_markers,
+                          without_magics)
 
 from . import REPO
 from .cycle import Course
@@ -101,29 +101,13 @@ def _definitions(nb, code_of) -> dict[str, str | None]:
                 found.update({f"{node.name}.{item.name}": ast.unparse(item.args)
                               for item in node.body if isinstance(item, ast.FunctionDef)})
             else:
-                found.update({name: None for name in _bound(node)})
+                found.update({name: None for name in bound_names(node)})
     return found
-
-
-def _bound(node):
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return [(a.asname or a.name).split(".")[0] for a in node.names]
-    targets = node.targets if isinstance(node, ast.Assign) else \
-        [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
-    return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
 
 
 def _called_by_tests(nb) -> set[str]:
     """Names the test cells read without binding them (the student's functions)."""
-    called = set()
-    for cell in nb.cells:
-        if is_test(cell):
-            tree = ast.parse(without_magics(cell.source))
-            loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
-                     and isinstance(n.ctx, ast.Load)}
-            bound = {name for node in ast.walk(tree) for name in _bound(node)}
-            called |= loads - bound - set(dir(builtins))
-    return called
+    return set().union(*(free_names(cell.source) for cell in nb.cells if is_test(cell)))
 
 
 def _is_volatile(path: Path) -> bool:

@@ -6,7 +6,9 @@ Test cells are short calls, e.g.::
     check.column_matches_dense(column_parallel)
 
 Each check raises an AssertionError whose message names the mistake ("expected shape (3, 6),
-got (3, 3): only the local shard was returned?") and prints nothing on success.
+got (3, 3): only the local shard was returned?") and prints nothing on success. In a notebook
+the message shows alone, wrapped (_harness.show_verdicts), and `tpgrade.selfcheck.run` (the
+self-check cells) runs every check of an exercise, hidden tests included, and reports.
 
 Where the checks run, and what that protects
 --------------------------------------------
@@ -24,6 +26,10 @@ not a security boundary (tests/test_judge_catalogue.py shows 14 attacks getting 
 """
 from . import _trusted  # noqa: F401  (first: capture numpy before anything else runs)
 from . import _harness, attention, comm, compare, cost, linear, mlp, sequence, vocab  # noqa: F401
+from . import selfcheck  # noqa: F401  (the notebooks' self-check cells: tpgrade.selfcheck.run)
+
+# In a notebook a failed check shows its verdict, whole and wrapped, not the checks' frames.
+_harness.show_verdicts(compare.CheckFailed)
 
 __all__ = ["attention", "comm", "compare", "cost", "linear", "mlp", "sequence", "vocab"]
 

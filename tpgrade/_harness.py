@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import textwrap
 import types
 
 import tpsim
@@ -75,6 +76,29 @@ def _reporting_state(shell):
 # code): ipykernel itself sets some of these on the instance, so restore, do not delete.
 _SHELL = _shell()
 _SHELL_STATE = _reporting_state(_SHELL) if _SHELL is not None else {}
+
+
+def show_verdicts(*exception_types, width=80):
+    """In a notebook, a check's verdict (an exception of these types) shows as its type and
+    whole message, wrapped to `width` columns, without the checks' own frames: they say nothing
+    to a student, and `nbgrader validate` cuts every line of an error at 90 columns. The
+    shell's error reporting with this handler is what restore_error_reporting puts back."""
+    global _SHELL_STATE
+    shell = _shell()
+    if shell is None or not hasattr(shell, "set_custom_exc"):
+        return
+
+    def verdict(self, etype, value, tb, tb_offset=None):
+        name = etype.__name__
+        text = "\n".join(textwrap.fill(paragraph, width, break_long_words=False,
+                                       break_on_hyphens=False) or paragraph
+                         for paragraph in f"{name}: {value}".splitlines())
+        stb = [f"\x1b[31m{name}\x1b[39m{text[len(name):]}"]
+        self._showtraceback(etype, value, stb)
+        return stb
+    shell.set_custom_exc(tuple(exception_types), verdict)
+    if shell is _SHELL:
+        _SHELL_STATE = _reporting_state(shell)
 
 
 def restore_error_reporting():

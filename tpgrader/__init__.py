@@ -1,7 +1,10 @@
-"""The grader: nbgrader plug-ins (tpgrader.preprocessors) and class grading (tpgrader.classgrade).
+"""The grader: nbgrader plug-ins (tpgrader.preprocessors, tpgrader.pages) and class grading
+(tpgrader.classgrade).
 
 nbgrader_config.py plugs the course in with one call, so that a plain `nbgrader autograde` runs
-student code sandboxed (tpsandbox) and takes every test cell's verdict from the judge (tpjudge):
+student code sandboxed (tpsandbox) and takes every test cell's verdict from the judge (tpjudge),
+`nbgrader generate_assignment` fills in the self-check cells, and `nbgrader generate_feedback`
+writes the course's feedback page:
 
     from tpgrader import configure
     configure(c)
@@ -12,21 +15,68 @@ from pathlib import Path
 
 __all__ = ["configure", "load_config"]
 
+_PP = "tpgrader.preprocessors."
+JUDGED_EXECUTE = _PP + "judged_execute.JudgedExecute"
+FLAG_REACH = _PP + "flag_reach.FlagReach"
+SELF_CHECK = _PP + "self_check.SelfCheck"
+FEEDBACK_SUMMARY = _PP + "feedback_summary.FeedbackSummary"
+
 
 def configure(c) -> None:
-    """In the autograde pipeline of config `c`: JudgedExecute instead of nbgrader's Execute (the
-    kernel sandboxed, the test cells judged outside it), and FlagReach after SaveAutoGrades."""
-    from nbgrader.converters import Autograde
-    from nbgrader.preprocessors import Execute, SaveAutoGrades
-    from .preprocessors.flag_reach import FlagReach
-    from .preprocessors.judged_execute import JudgedExecute
-    current = c.Autograde.get("autograde_preprocessors") or Autograde.autograde_preprocessors.default()
+    """Plug the course into nbgrader config `c`. Every value is an import string (nbgrader
+    imports them itself), so the config serialises: the formgrader shows it as JSON.
+
+    - autograde: JudgedExecute instead of nbgrader's Execute (the kernel sandboxed, the test
+      cells judged outside it), FlagReach after SaveAutoGrades;
+    - generate_assignment: SelfCheck before ClearHiddenTests (it reads the hidden tests);
+    - generate_feedback: FeedbackSummary after GetGrades, rendered by FeedbackExporter with
+      the `tp_feedback` template (tpgrader/pages);
+    - every HTML page nbgrader renders (the formgrader's too): the course's CSS (PageStyle,
+      added through a template conf.json in tpgrader/pages/style).
+    """
+    from nbgrader.converters import Autograde, GenerateAssignment, GenerateFeedback
+    from .pages import PAGES, nbgrader_templates
+    _pipeline(c.Autograde, "autograde_preprocessors", Autograde.autograde_preprocessors,
+              replace={"nbgrader.preprocessors.execute.Execute": JUDGED_EXECUTE},
+              after={"nbgrader.preprocessors.saveautogrades.SaveAutoGrades": FLAG_REACH})
+    _pipeline(c.GenerateAssignment, "preprocessors", GenerateAssignment.preprocessors,
+              before={"nbgrader.preprocessors.clearhiddentests.ClearHiddenTests": SELF_CHECK})
+    _pipeline(c.GenerateFeedback, "preprocessors", GenerateFeedback.preprocessors,
+              after={"nbgrader.preprocessors.getgrades.GetGrades": FEEDBACK_SUMMARY})
+    c.GenerateFeedback.exporter_class = "tpgrader.pages.FeedbackExporter"
+    c.FeedbackExporter.template_name = "tp_feedback"
+    c.FeedbackExporter.template_file = "tp_feedback.html.j2"
+    c.FeedbackExporter.extra_template_basedirs = [str(PAGES), nbgrader_templates()]
+    # nbconvert merges the conf.json of every template path, so this folder's adds PageStyle
+    # to the template's own preprocessors, after the one that resets the inlined CSS.
+    paths = [str(p) for p in c.HTMLExporter.get("extra_template_paths") or []]
+    c.HTMLExporter.extra_template_paths = paths + [p for p in [str(PAGES / "style")]
+                                                   if p not in paths]
+
+
+def import_string(item) -> str:
+    """`item` (a class or an import string) as the import string of the class it names."""
+    if isinstance(item, str):
+        from traitlets.utils.importstring import import_item
+        item = import_item(item)
+    return f"{item.__module__}.{item.__qualname__}"
+
+
+def _pipeline(section, name, trait, replace=None, before=None, after=None) -> None:
+    """section[name] (the config's list, else the trait's default) as import strings, with
+    entries replaced, and ours inserted before / after the named ones; ours only once."""
+    current = [import_string(p) for p in (section.get(name) or trait.default())]
+    inserted = set((before or {}).values()) | set((after or {}).values())
     pipeline = []
     for p in current:
-        pipeline.append(JudgedExecute if p is Execute else p)
-        if p is SaveAutoGrades:
-            pipeline.append(FlagReach)
-    c.Autograde.autograde_preprocessors = pipeline
+        if p in inserted:       # configured twice: put back where it belongs, once
+            continue
+        if p in (before or {}):
+            pipeline.append(before[p])
+        pipeline.append((replace or {}).get(p, p))
+        if p in (after or {}):
+            pipeline.append(after[p])
+    section[name] = pipeline
 
 
 def load_config(root: str):

@@ -2,11 +2,14 @@
 
 The one place that knows how nbgrader marks cells (`cell.metadata.nbgrader`): solution cells
 (`solution`), graded test cells (`grade` on a code cell), task cells (`task`, the gpu_runner's
-`gpu_*`), and the read-only cells the course gives (`locked`: the setup cell, helpers). The
-judge, the gpu_runner, the release tooling and the tests all read notebooks through it.
+`gpu_*`), and the read-only cells the course gives (`locked`: the setup cell, helpers); and the
+course's own kind, the self-check cells (no nbgrader role, a call of `tpgrade.selfcheck.run`).
+The judge, the gpu_runner, the release tooling and the tests all read notebooks through it.
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import re
 
 import nbformat
@@ -15,6 +18,7 @@ _MARKER = re.compile(r"^\s*### (BEGIN|END) SOLUTION\s*$")
 _SOLUTION = re.compile(r"^([ \t]*)### BEGIN SOLUTION[^\n]*\n.*?^[ \t]*### END SOLUTION[^\n]*$",
                        re.M | re.S)
 _MAGIC = re.compile(r"^(\s*)([%!].*)$")
+_SELF_CHECK = re.compile(r"^tpgrade\.selfcheck\.run\(", re.M)
 
 
 def read(path) -> nbformat.NotebookNode:
@@ -44,6 +48,16 @@ def is_given(cell) -> bool:
     m = meta(cell)
     return (cell.cell_type == "code" and bool(m.get("locked")) and not m.get("grade")
             and not m.get("solution"))
+
+
+def is_self_check(cell) -> bool:
+    """A self-check cell (tpgrade.selfcheck): a code cell with no nbgrader role whose code calls
+    `tpgrade.selfcheck.run(...)`. `nbgrader generate_assignment` writes its checks into it
+    (tpgrader.preprocessors.self_check); grading never runs it."""
+    m = meta(cell)
+    return (cell.cell_type == "code" and not any(m.get(k) for k in ("grade", "solution",
+                                                                   "locked", "task"))
+            and bool(_SELF_CHECK.search(cell.source)))
 
 
 def points(cell) -> float:
@@ -115,3 +129,36 @@ def as_module(parts: list[tuple[str, str]]) -> str:
 def without_magics(code: str) -> str:
     """IPython magics and shell escapes commented out: plain Python runs the rest."""
     return "\n".join(_MAGIC.sub(r"\1# \2", line) for line in code.splitlines())
+
+
+def bound_names(node) -> list[str]:
+    """The names one statement binds at its own level (imports, assignments)."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(a.asname or a.name).split(".")[0] for a in node.names]
+    targets = node.targets if isinstance(node, ast.Assign) else \
+        [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+    return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+
+
+def defined_names(code: str) -> list[str]:
+    """The names a cell's code defines at top level (functions, classes, assignments,
+    imports), in order; [] when it does not parse."""
+    try:
+        tree = ast.parse(without_magics(code))
+    except SyntaxError:
+        return []
+    names = []
+    for node in tree.body:
+        found = [node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                 ast.ClassDef)) else bound_names(node)
+        names += [n for n in found if n not in names]
+    return names
+
+
+def free_names(code: str) -> set[str]:
+    """The names a cell reads without binding them, built-ins excepted: for a test cell, the
+    student's functions it calls."""
+    tree = ast.parse(without_magics(code))
+    loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    bound = {name for node in ast.walk(tree) for name in bound_names(node)}
+    return loads - bound - set(dir(builtins))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tpjudge import reach
 
+from . import gpu_feedback
 from . import gradebook as gbk
 from . import shards as shd
 from .. import load_config
@@ -282,6 +283,8 @@ class ClassGrader:
         for s in regraded:  # stale feedback goes; generate_feedback (no --force) fills the gaps
             shutil.rmtree(self.root / "feedback" / s / self.assignment, ignore_errors=True)
         self._nbgrader("generate_feedback", self.assignment)
+        # the gpu_runner's per-student report and plot, into the feedback it belongs to
+        gpu_feedback.attach(self.root, self.assignment)
 
     def _nbgrader(self, *args):
         proc = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=self.root,

@@ -1,11 +1,12 @@
 """nbgrader's Execute, with every test cell's verdict decided by the judge.
 
 The notebook runs in its sandboxed kernel as before (SandboxedExecute), so the feedback shows
-what the student's cells printed or raised, but with the test cells left out. Meanwhile (on a
-thread of its own: it needs nothing from the kernel) the judge (tpjudge) runs the test cells in
-THIS process, where no student code runs, against the student's functions in a fresh sandboxed
-process of their own, and writes each test cell's outputs: what the student's code printed
-during it and the verdict. nbgrader's SaveAutoGrades
+what the student's cells printed or raised, but with the test cells and the self-check cells
+(tpgrade.selfcheck: the student's own preview of the tests, never part of a grade) left out.
+Meanwhile (on a thread of its own: it needs nothing from the kernel) the judge (tpjudge) runs
+the test cells in THIS process, where no student code runs, against the student's functions in
+a fresh sandboxed process of their own, and writes each test cell's outputs: what the
+student's code printed during it and the verdict. nbgrader's SaveAutoGrades
 scores those outputs as usual (an error or stderr output: no points).
 
 `c.Judge.enabled = False` runs the test cells in the kernel instead (for comparisons only: code
@@ -21,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tpjudge import notebook, session
-from tpjudge.cells import is_test
+from tpjudge.cells import is_self_check, is_test
 from tpjudge.errors import StudentGone
 from tpjudge.settings import Judge
 from tpsandbox import wrap
@@ -31,6 +32,7 @@ from tpsandbox.scratch import new_scratch, remove_tree, working_copy
 from .sandboxed_execute import SandboxedExecute
 
 PLACEHOLDER = "# (judged by the grader, outside this kernel)"
+SELF_CHECK_PLACEHOLDER = "# (a self-check: not run when grading)"
 
 
 class JudgeUnavailable(RuntimeError):
@@ -50,26 +52,31 @@ class JudgedExecute(SandboxedExecute):
             self._trial()
 
     def preprocess(self, nb, resources=None, km=None):
-        if not self.judge.enabled:
-            return super().preprocess(nb, resources, km)
-        workdir = (resources or {}).get("metadata", {}).get("path") or os.getcwd()
-        # The judge needs nothing from the kernel: it runs alongside it, on its own copy.
-        judging = _POOL.submit(self._judge, copy.deepcopy(nb), workdir)
-        tests = {i: cell.source for i, cell in enumerate(nb.cells) if is_test(cell)}
-        for i in tests:
-            nb.cells[i].source = PLACEHOLDER
+        held = {i: (cell.source, SELF_CHECK_PLACEHOLDER) for i, cell in enumerate(nb.cells)
+                if is_self_check(cell)}
+        judging = None
+        if self.judge.enabled:
+            held.update({i: (cell.source, PLACEHOLDER) for i, cell in enumerate(nb.cells)
+                         if is_test(cell)})
+            workdir = (resources or {}).get("metadata", {}).get("path") or os.getcwd()
+            # The judge needs nothing from the kernel: it runs alongside it, on its own copy.
+            judging = _POOL.submit(self._judge, copy.deepcopy(nb), workdir)
+        for i, (_, placeholder) in held.items():
+            nb.cells[i].source = placeholder
         start = time.perf_counter()
         try:
             nb, resources = super().preprocess(nb, resources, km)
         finally:
-            for i, source in tests.items():
+            for i, (source, _) in held.items():
                 nb.cells[i].source = source
             kernel = time.perf_counter() - start
-            verdicts, judged = judging.result()
+            verdicts, judged = judging.result() if judging else ({}, 0.0)
+        if judging is None:
+            return nb, resources
         for i, outputs in verdicts.items():
             nb.cells[i].outputs = outputs
         self.log.info("kernel %.2f s, judge %.2f s alongside it (%d test cells)", kernel, judged,
-                      len(tests))
+                      len(verdicts))
         return nb, resources
 
     def _judge(self, nb, workdir):
