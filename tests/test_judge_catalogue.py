@@ -106,7 +106,7 @@ def test_a_forger_is_flagged(f):
 
 def test_honest_students_are_not_flagged():
     honest = {a: reference_answers(nb) for a, nb in SOURCES.items()}
-    for sub in NUMPY + T.ALL:
+    for sub in NUMPY + [s for s in T.ALL if s not in T.HOSTILE]:
         for assignment, answers in sub.answers.items():
             honest[f"{assignment}:{sub.student}"] = answers
     flagged = {who for who, answers in honest.items()
@@ -114,3 +114,8 @@ def test_honest_students_are_not_flagged():
     # these reach on purpose: they rebind library functions, silence the shell, or kill themselves
     assert flagged == {"tp_linear:rebinds_allclose", "tp_linear:own_all_reduce",
                        "tp_linear:swallows_errors", "tp_torch:torch_crash", "tp_torch:torch_os_exit"}
+
+
+def test_the_gpu_runners_hostile_students_are_flagged():
+    for sub in T.HOSTILE:
+        assert any(reach.scan(code) for code in sub.answers[T.NOTEBOOK].values()), sub.why
