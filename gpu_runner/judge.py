@@ -14,7 +14,7 @@ import re
 
 from tpgrade import tensors as V
 
-from . import data, records
+from . import data, judge_sequence, records
 from .plan import Unit
 
 NOT_CONNECTED = "the output is not connected to it in autograd"
@@ -388,4 +388,5 @@ JUDGES = {
     ("row", "float64"): lambda v: float64(v, "row"),
     ("mlp", "forward"): mlp_forward, ("mlp", "backward"): mlp_backward,
     ("mlp", "float64"): lambda v: float64(v, "mlp"),
+    **judge_sequence.JUDGES,
 }
