@@ -204,14 +204,8 @@ def sp_backward(view):
 
 def _float64(view, family, y, dx, what):
     """gpu_runner.judge.float64's verdicts on observe_sequence._float64_run's reports."""
-    def forward(rank):
-        plain = view.obs(rank, "plain")
-        if not (isinstance(plain, list) and all(isinstance(n, str) for n in plain)):
-            raise records.Malformed("the list of tensor attributes")
-        if plain:
-            return V.not_moved(plain[:5])
-        return J._float64_verdict(view, rank, "y", y(rank), f"the float64 {what}")
-    view.each(f"{family}.forward_float64", forward)
+    view.each(f"{family}.forward_float64", lambda r: J.float64_output_verdict(
+        view, r, y(r), f"the float64 {what}"))
     view.each(f"{family}.grad_float64", lambda r: J._float64_verdict(
         view, r, "gx", dx(r), "the gradient of a float64 run"))
 

@@ -14,7 +14,7 @@ solution in source/tp_torch_sequence is written; `tseq_reference` is that soluti
 """
 from __future__ import annotations
 
-from tpcourse.submissions import Submission
+from tpcourse.submissions import Submission, edited
 
 ASSIGNMENT = NOTEBOOK = "tp_torch_sequence"
 SOLUTION_IDS = ("sol_tp_torch", "sol_sequence_mappings", "sol_layer_sp", "sol_vocab_embedding",
@@ -210,13 +210,7 @@ REFERENCE = {"sol_sequence_mappings": MAPPINGS, "sol_layer_sp": LAYER_SP,
 
 def _with(**changes):
     """The catalogue reference with some cells' code edited: {cell: [(old, new), ...]}."""
-    answers = dict(REFERENCE)
-    for cell, edits in changes.items():
-        for old, new in edits:
-            if answers[cell].count(old) != 1:
-                raise ValueError(f"{cell}: {old!r} not once in the reference")
-            answers[cell] = answers[cell].replace(old, new)
-    return answers
+    return edited(REFERENCE, **changes)
 
 
 NOTEBOOK_LOSES: dict[str, frozenset] = {}
