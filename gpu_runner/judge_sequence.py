@@ -110,7 +110,7 @@ def _mapping_shapes(which, case, s, rank, size):
     return []
 
 
-def _own_upstream(which, case, s, rank, size):
+def _own_upstream(case, s, rank, size):
     """The gradient of a gather whose backward keeps this rank's rows of its own upstream
     (a split, not a reduce-scatter)."""
     return case.per_rank(rank, size, salt=5)[:s][D.rows(s, rank, size)]
@@ -127,7 +127,7 @@ def seqmap(view, which):
 
         def backward(rank, s=s, tag=tag):
             _, want = _mapping_want(which, case, s, rank, view.size)
-            suspects = [(_own_upstream(which, case, s, rank, view.size),
+            suspects = [(_own_upstream(case, s, rank, view.size),
                          "only this rank's upstream gradient: the gather's backward must "
                          "reduce-scatter (sum over the ranks)")] if which == "gather" else []
             return V.mismatch(view.tensor(rank, f"gx{tag}"), want,
