@@ -14,7 +14,7 @@ import re
 
 from tpgrade import tensors as V
 
-from . import data, records
+from . import data, judge_sequence, records
 from .plan import Unit
 
 NOT_CONNECTED = "the output is not connected to it in autograd"
@@ -358,6 +358,17 @@ def _float64_verdict(view, rank, key, want, what):
                       suspects=[V.float32_on_the_way(got, want)])
 
 
+def float64_output_verdict(view, rank, want, what):
+    """The float64 run's output: no tensor attribute left behind by .to(), then right in
+    float64 on the input's device."""
+    plain = view.obs(rank, "plain")
+    if not (isinstance(plain, list) and all(isinstance(n, str) for n in plain)):
+        raise records.Malformed("the list of tensor attributes")
+    if plain:
+        return V.not_moved(plain[:5])
+    return _float64_verdict(view, rank, "y", want, what)
+
+
 def float64(view, kind):
     """The float64 run (observe.float64): the row layer took the full input."""
     if kind == "mlp":
@@ -366,14 +377,8 @@ def float64(view, kind):
     else:
         case, y, dx, _, _ = _linear(view, kind)
 
-    def forward(rank):
-        plain = view.obs(rank, "plain")
-        if not (isinstance(plain, list) and all(isinstance(n, str) for n in plain)):
-            raise records.Malformed("the list of tensor attributes")
-        if plain:
-            return V.not_moved(plain[:5])
-        return _float64_verdict(view, rank, "y", y, "the float64 output")
-    view.each(f"{kind}.forward_float64", forward)
+    view.each(f"{kind}.forward_float64",
+              lambda r: float64_output_verdict(view, r, y, "the float64 output"))
     view.each(f"{kind}.grad_float64", lambda r: _float64_verdict(
         view, r, "gx", dx, "dL/dx for a float64 input"))
 
@@ -388,4 +393,5 @@ JUDGES = {
     ("row", "float64"): lambda v: float64(v, "row"),
     ("mlp", "forward"): mlp_forward, ("mlp", "backward"): mlp_backward,
     ("mlp", "float64"): lambda v: float64(v, "mlp"),
+    **judge_sequence.JUDGES,
 }

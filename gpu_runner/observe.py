@@ -22,7 +22,7 @@ import torch.distributed.distributed_c10d as c10d
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import data
+from . import data, observe_sequence
 from .counting import CollectiveCounter
 from .records import encode_outcome, encode_param, encode_tensor
 
@@ -429,4 +429,5 @@ UNITS = {
     ("row", "float64"): lambda ctx: float64(ctx, "row"),
     ("mlp", "forward"): mlp_forward, ("mlp", "backward"): mlp_backward,
     ("mlp", "float64"): lambda ctx: float64(ctx, "mlp"),
+    **observe_sequence.UNITS,
 }

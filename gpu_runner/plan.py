@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import plan_sequence
+
 STEPS = {
     "errors": ("nopg", "shape"),
     "column": ("shards", "forward", "backward", "local", "float64"),
     "row": ("shards", "forward", "backward", "full", "float64"),
     "mlp": ("forward", "backward", "float64"),
+    **plan_sequence.STEPS,
 }
 TIMED_LAYERS = ("column", "row", "mlp")
 
@@ -45,6 +48,7 @@ CHECKS = {
                           "counts.mlp_backward*"),
     # the device and dtype rules: a float64 run with meta as the default device (observe.float64)
     ("mlp", "float64"): ("mlp.forward_float64", "mlp.grad_float64"),
+    **plan_sequence.CHECKS,
 }
 
 
@@ -83,7 +87,7 @@ class Unit:
 
 # The layers, in the order their units run (a new torch assignment's layers are appended here,
 # with their STEPS, CHECKS and cells).
-LAYERS = ("column", "row", "mlp")
+LAYERS = ("column", "row", "mlp") + plan_sequence.LAYERS
 
 
 def make_plan(sizes, timing: bool = True, cells=None) -> list[Unit]:
@@ -121,6 +125,8 @@ def skipped_by_fault(fault: Unit, pending: list[Unit], kind: str = "comm") -> li
 
 def cell_of(check: str) -> str:
     """The gpu_* grade cell a sub-check counts towards."""
+    if plan_sequence.cell_of(check):
+        return plan_sequence.cell_of(check)
     family, name = check.split("@")[0].split(".")
     if family == "errors":
         return "gpu_errors"

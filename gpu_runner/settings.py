@@ -11,7 +11,8 @@ from traitlets.config import Configurable
 
 class GpuRunner(Configurable):
     world_sizes = List(Integer(), default_value=[1, 2, 3, 4], help=(
-        "The world sizes every tp_torch submission is graded at (one torchrun launch of "
+        "The world sizes every submission of a torch assignment (tp_torch, tp_torch_sequence) "
+        "is graded at (one torchrun launch of "
         "max(world_sizes) ranks; the smaller sizes run on sub-groups). The same on every "
         "machine: NCCL is used only where there are at least max(world_sizes) GPUs, gloo on "
         "CPU otherwise.")).tag(config=True)

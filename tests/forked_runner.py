@@ -20,7 +20,9 @@ from gpu_runner.plan import make_plan
 from tpcourse import REPO
 from tpcourse.submissions import build
 
-SOURCE = REPO / "source" / "tp_torch" / "tp_torch.ipynb"
+
+def source(assignment: str) -> Path:
+    return REPO / "source" / assignment / f"{assignment}.ipynb"
 
 
 def _free_port() -> int:
@@ -36,13 +38,14 @@ def _rank(rank, world, port, argv):
 
 
 def grade(sub, sizes, tmp: Path, pg_timeout=10.0, steps=None) -> dict:
-    """The report of `sub` (a tpcourse Submission) graded at `sizes` on forked gloo ranks;
-    `steps`: only the units of these (kind, step)s."""
-    source_nb = extract.read(SOURCE)
+    """The report of `sub` (a tpcourse Submission) graded at `sizes` on forked gloo ranks, with
+    the units of its assignment's gpu_* cells; `steps`: only the units of these (kind, step)s."""
+    source_nb = extract.read(source(sub.assignment))
     module = tmp / "solution.py"
-    extract.write_module(source_nb, build(sub)["tp_torch.ipynb"], module)
+    extract.write_module(source_nb, build(sub)[f"{sub.assignment}.ipynb"], module)
     cfg = Config(sizes=tuple(sizes), backend="gloo", pg_timeout=pg_timeout)
-    plan = [u for u in make_plan(sizes, timing=False)
+    cells = extract.gpu_cells(source_nb)
+    plan = [u for u in make_plan(sizes, timing=False, cells=cells)
             if steps is None or (u.kind, u.step) in steps]
     out = tmp / "launch0"
     job_dir(out).mkdir(parents=True)
@@ -62,8 +65,8 @@ def grade(sub, sizes, tmp: Path, pg_timeout=10.0, steps=None) -> dict:
     _interpret(_read_records(out), plan, cfg, sup, out / "torchrun.log", results)
     for u in plan:     # units a fault left behind: not what these tests look at
         results.setdefault(u.id, report_failed(u))
-    return report.build(sub.student, "tp_torch", "tp_torch", extract.gpu_cells(source_nb), plan,
-                        results, [], cfg, 0.0)
+    return report.build(sub.student, sub.assignment, sub.assignment, cells, plan, results, [],
+                        cfg, 0.0)
 
 
 def report_failed(u):

@@ -200,3 +200,47 @@ def test_scores_are_in_the_gradebook_export_and_feedback(course):
     assert "row.forward (world sizes 2, 3, 4): rank 0 of 2: the output" in html
     assert "bias added on every rank before the all-reduce" in html
     assert "see the gpu_runner report" not in html and str(course.root) not in html
+
+
+
+# -- tp_torch_sequence: the reference and two wrong students, one torchrun launch each --------------
+# (its scores reaching the gradebook: test_torch_notebook.py, with --load-reports)
+SEQUENCE_WRONG = ["tseq_layernorm_gathered", "tseq_ce_gathers_logits"]
+
+
+@pytest.fixture(scope="module")
+def sequence_course(make_course):
+    """The source's own solution (graded first, as the reference) and two wrong students:
+    numbers judged in the grader, and the collectives' kinds and sizes."""
+    from tpcourse.examples import torch_sequence_students as seq
+    course = make_course("gpu_runner_sequence", [seq.ASSIGNMENT], extra_config="")
+    course.generate(seq.ASSIGNMENT)
+    for name in SEQUENCE_WRONG:
+        course.place_submission(name, seq.ASSIGNMENT, build(seq.BY_NAME[name]))
+    cmd = [sys.executable, "-m", "gpu_runner.grade", seq.ASSIGNMENT, "--course-root",
+           str(course.root), *FLAGS, "--no-timing", "--no-gradebook"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    course.seq, course.reports = seq, course.root / "gpu_reports" / seq.ASSIGNMENT
+    return course
+
+
+def test_sequence_reference_full_marks_at_world_sizes_1_to_4_in_one_launch(sequence_course):
+    seq = sequence_course.seq
+    rep = json.loads((sequence_course.reports / ".reference" / "report.json").read_text())
+    assert rep["score"] == rep["max_score"] == sum(seq.GPU_CELLS.values())
+    assert rep["world_sizes"] == [1, 2, 3, 4] and rep["sandboxed"] and rep["backend"] == "gloo"
+    assert set(rep["cells"]) == set(seq.GPU_CELLS)
+    assert len(rep["launches"]) == 1 and not rep["faults"]
+
+
+@pytest.mark.parametrize("student, says", [
+    ("tseq_layernorm_gathered", "LayerNorm ran on the gathered tensor"),
+    ("tseq_ce_gathers_logits", "the logits travelled"),
+])
+def test_sequence_wrong_students_lose_exactly_their_cells(sequence_course, student, says):
+    rep = json.loads((sequence_course.reports / student / "report.json").read_text())
+    sub = sequence_course.seq.BY_NAME[student]
+    assert _lost(rep) == set(sub.loses), {g: c["comment"] for g, c in rep["cells"].items()}
+    assert not rep["faults"] and len(rep["launches"]) == 1
+    assert says in " ".join(c["comment"] for c in rep["cells"].values())

@@ -1,10 +1,11 @@
-"""The tp_torch notebook through the real nbgrader cycle, in a temporary course.
+"""The torch notebooks (tp_torch, tp_torch_sequence) through the real nbgrader cycle, in a
+temporary course.
 
-One course for the module: `nbgrader generate_assignment tp_torch`, then a single batched
+One course for the module: `nbgrader generate_assignment` of both, then a single batched
 `nbgrader autograde` of the reference solution, the unmodified release and a few classic
-mistakes. The in-notebook tests (run on 2 gloo ranks inside the kernel) must give the reference
-full marks, point at the mistakes, and leave the gpu_* task cells to the gpu_runner (ungraded by
-autograde, worth their fixed points in the gradebook).
+mistakes of each. The in-notebook tests (run on 2 gloo ranks inside the kernel) must give the
+reference full marks, point at the mistakes, and leave the gpu_* task cells to the gpu_runner
+(ungraded by autograde, worth their fixed points in the gradebook).
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.nbgrader
 
 from test_torch_checks import BIAS_EVERY_RANK, BIAS_ONES, NO_F, REBIND, answers_with  # noqa: E402
 from tpcourse import REPO  # noqa: E402
-from tpcourse.submissions import fill, grade_id, is_solution, read, reference_answers  # noqa: E402
+from tpcourse.examples import torch_sequence_students as seq  # noqa: E402
+from tpcourse.submissions import (build, fill, grade_id, is_solution, read,  # noqa: E402
+                                  reference_answers)
 
 ASSIGNMENT = "tp_torch"
 SOURCE = REPO / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
@@ -67,10 +70,16 @@ def mistake_answers(name):
     return {cell: answers[cell].replace(old, new)}
 
 
+# tp_torch_sequence: its reference and a mistake the notebook's tests name (its release scoring
+# zero, and the other mistakes: tests/test_torch_sequence.py, in-process).
+SEQUENCE = seq.ASSIGNMENT
+SEQUENCE_STUDENTS = ("tseq_reference", "tseq_layernorm_gathered")
+
+
 @pytest.fixture(scope="module")
 def course(make_course):
-    course = make_course("tp_torch_course", [ASSIGNMENT])
-    course.generate(ASSIGNMENT)
+    course = make_course("tp_torch_course", [ASSIGNMENT, SEQUENCE])
+    course.generate("*")                        # both assignments, one nbgrader call
     release = read(course.root / "release" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb")
     reference = reference_answers(source_nb())
     name = f"{ASSIGNMENT}.ipynb"
@@ -80,7 +89,9 @@ def course(make_course):
         answers = {**reference, **mistake_answers(student)}
         course.place_submission(student, ASSIGNMENT, {name: fill(release, answers)})
     course.place_submission("rebinder", ASSIGNMENT, {name: fill(release, REBINDER[0])})
-    course.autograde(ASSIGNMENT)  # one batched call for every student
+    for student in SEQUENCE_STUDENTS:
+        course.place_submission(student, SEQUENCE, build(seq.BY_NAME[student]))
+    course.autograde("*")  # one batched call for every student of both assignments
     return course
 
 
@@ -176,3 +187,67 @@ def test_rebinding_torch_helpers_earns_nothing(course):
     got = scores(course, "rebinder")
     lost = {gid for gid, points in graded_tests(source_nb()).items() if got[gid][0] < points}
     assert lost == REBINDER[1]
+
+
+# -- tp_torch_sequence ------------------------------------------------------------------------------
+def sequence_scores(course, student):
+    return course.scores(SEQUENCE, student)[SEQUENCE]
+
+
+def sequence_tests():
+    return graded_tests(read(REPO / "source" / SEQUENCE / f"{SEQUENCE}.ipynb"))
+
+
+def test_sequence_reference_passes_and_its_gpu_cells_wait_for_the_gpu_runner(course):
+    from nbgrader.api import Gradebook
+    got = sequence_scores(course, "tseq_reference")
+    for gid, points in sequence_tests().items():
+        assert got[gid] == (points, points), gid
+    with Gradebook(course.db_url) as gb:
+        notebook = gb.find_notebook(SEQUENCE, SEQUENCE)
+        assert {c.name: c.max_score for c in notebook.task_cells} == seq.GPU_CELLS
+        for gid in seq.GPU_CELLS:
+            grade = gb.find_grade(gid, SEQUENCE, SEQUENCE, "tseq_reference")
+            assert grade.auto_score is None and grade.needs_manual_grade
+        total = gb.find_submission_notebook(SEQUENCE, SEQUENCE, "tseq_reference").max_score
+        assert total == sum(sequence_tests().values()) + sum(seq.GPU_CELLS.values())
+
+
+def test_sequence_mistake_loses_exactly_its_tests_and_says_why(course):
+    got = sequence_scores(course, "tseq_layernorm_gathered")
+    lost = {gid for gid, points in sequence_tests().items() if got[gid][0] < points}
+    assert lost == seq.NOTEBOOK_LOSES["tseq_layernorm_gathered"]
+    graded = read(course.root / "autograded" / "tseq_layernorm_gathered" / SEQUENCE /
+                  f"{SEQUENCE}.ipynb")
+    [cell] = [c for c in graded.cells if grade_id(c) == "test_layer_sp_backward"]
+    assert "LayerNorm ran on the gathered tensor" in " ".join(
+        o.get("evalue", "") for o in cell.outputs if o.output_type == "error")
+
+
+def test_sequence_gpu_scores_land_in_the_gradebook(course):
+    """The gpu_runner's report for tp_torch_sequence (ranks forked here, world sizes 1 and 2)
+    written into the gradebook by the grader's own command (--load-reports): its gpu_* cells
+    get the report's scores and comments."""
+    import json
+    import subprocess
+    import sys
+
+    import forked_runner
+    student = "tseq_layernorm_gathered"
+    rep = forked_runner.grade(seq.BY_NAME[student], (1, 2), course.root / "forked")
+    folder = course.root / "gpu_reports" / SEQUENCE / student
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(rep))
+    proc = subprocess.run([sys.executable, "-m", "gpu_runner.grade", SEQUENCE, "--load-reports",
+                           "--student", student, "--course-root", str(course.root)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = sequence_scores(course, student)
+    assert {gid: got[gid] for gid in seq.GPU_CELLS} == {
+        gid: (cell["score"], cell["points"]) for gid, cell in rep["cells"].items()}
+    assert got["gpu_sp_backward"][0] < seq.GPU_CELLS["gpu_sp_backward"]
+    from nbgrader.api import Gradebook
+    with Gradebook(course.db_url) as gb:
+        comment = gb.find_comment("gpu_sp_backward", SEQUENCE, SEQUENCE, student).manual_comment
+    assert comment == rep["cells"]["gpu_sp_backward"]["comment"]
+    assert "LayerNorm ran on the gathered tensor" in comment

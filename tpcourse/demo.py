@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import REPO
+from . import ASSIGNMENTS, REPO
 from .cycle import Course
 from .cycle import ensure_tools_on_path
 from .submissions import Submission, build
@@ -124,29 +124,46 @@ def run(output: Path = OUTPUT, students: list[Submission] | None = None, log=pri
         course.generate_feedback(assignment)
         results[assignment] = gradebook_scores(course, assignment)
         log(f"{assignment}: {len(subs)} students graded in {time.perf_counter() - t0:.0f} s")
-    if grade_tp_torch_with_gpu_runner(course, log):
-        results["tp_torch"] = gradebook_scores(course, "tp_torch")
+    for assignment in gpu_assignments():
+        if grade_with_gpu_runner(course, assignment, log):
+            results[assignment] = gradebook_scores(course, assignment)
     csv = course.export(output / "grades.csv")
     return {"course": course, "results": results, "csv": csv}
 
 
-def grade_tp_torch_with_gpu_runner(course: Course, log=print) -> bool:
-    """HOOK: tp_torch's layers run on real ranks under torchrun, which nbgrader cannot do; the
-    gpu_runner package grades them and writes the scores into this course's gradebook.
-    Skipped until both the assignment (source/tp_torch) and `gpu_runner.grade` exist."""
-    if not (REPO / "source" / "tp_torch").is_dir():
-        log("tp_torch: no source/tp_torch yet, skipped")
-        return False
+# The example students the demo grades on real ranks, beyond each assignment's own reference:
+# {assignment: (catalogue module, students)}.
+GPU_DEMO_STUDENTS = {
+    "tp_torch_sequence": ("torch_sequence_students",
+                          ("tseq_layernorm_gathered", "tseq_ce_gathers_logits")),
+}
+
+
+def gpu_assignments() -> list[str]:
+    """The assignments whose notebooks have gpu_* cells (graded by gpu_runner), in order."""
+    from tpjudge.cells import gpu_cells, read
+    return [a for a in ASSIGNMENTS if any(gpu_cells(read(path)) for path in
+                                          sorted((REPO / "source" / a).glob("*.ipynb")))]
+
+
+def grade_with_gpu_runner(course: Course, assignment: str, log=print) -> bool:
+    """HOOK: the layers of an assignment with gpu_* cells run on real ranks under torchrun,
+    which nbgrader cannot do; the gpu_runner package grades them and writes the scores into this
+    course's gradebook. The reference is graded, and the assignment's demo students."""
     if importlib.util.find_spec("gpu_runner") is None or \
             importlib.util.find_spec("gpu_runner.grade") is None:
-        log("tp_torch: gpu_runner.grade not importable yet, skipped")
+        log(f"{assignment}: gpu_runner.grade not importable yet, skipped")
         return False
-    assignment = "tp_torch"
     course.generate(assignment)
     course.release(assignment)
-    course.submit_as("reference", assignment,
-                     build(Submission("reference", assignment), course.root / "source",
-                           course.root / "release"))
+    students = [Submission("reference", assignment)]
+    module, names = GPU_DEMO_STUDENTS.get(assignment, (None, ()))
+    if module:
+        cat = importlib.import_module(f"{__package__}.examples.{module}")
+        students += [cat.BY_NAME[name] for name in names]
+    for sub in students:
+        course.submit_as(sub.student, assignment,
+                         build(sub, course.root / "source", course.root / "release"))
     course.collect(assignment)
     course.name_students({"reference": example_name("reference")})
     course.autograde(assignment)
@@ -154,12 +171,12 @@ def grade_tp_torch_with_gpu_runner(course: Course, log=print) -> bool:
                            "--course-root", str(course.root)], capture_output=True, text=True,
                           env=course.env())
     if proc.returncode != 0:
-        log(f"tp_torch: gpu_runner.grade exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        log(f"{assignment}: gpu_runner.grade exited {proc.returncode}:\n{proc.stderr[-2000:]}")
         return False
     course.generate_feedback(assignment)
     from tpgrader.classgrade.gpu_feedback import attach
     attach(course.root, assignment)   # the runner's report and plot, into the feedback folder
-    log("tp_torch: graded by gpu_runner")
+    log(f"{assignment}: {len(students)} students graded by gpu_runner")
     return True
 
 

@@ -33,6 +33,19 @@ class Submission:
     loses_all: bool = False
 
 
+def edited(answers: dict[str, str], **changes) -> dict[str, str]:
+    """A copy of `answers` ({grade_id: code}) with some cells' code edited: {grade_id: [(old,
+    new), ...]}, each `old` found exactly once (a wrong student written as an edit of a
+    catalogue's reference)."""
+    answers = dict(answers)
+    for cell, edits in changes.items():
+        for old, new in edits:
+            if answers[cell].count(old) != 1:
+                raise ValueError(f"{cell}: {old!r} is not once in the reference")
+            answers[cell] = answers[cell].replace(old, new)
+    return answers
+
+
 def fill(release_nb, answers: dict[str, str]):
     """A copy of `release_nb` with the named solution cells replaced by `answers`."""
     nb = copy.deepcopy(release_nb)

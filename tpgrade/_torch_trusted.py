@@ -20,16 +20,21 @@ Where each part of a torch check runs, and why that is enough:
 * Under `nbgrader autograde` none of this is needed: the judge (tpjudge) runs the checks in the
   grader's process, where no student code runs, and the ranks in the student's own process.
 """
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from . import torch_ranks
-from ._harness import Genuine
+from ._harness import Genuine, check
+
+TIMEOUT = 20           # seconds per run_on_ranks call: a deadlock is reported well within a cell
 
 _TB = torch._C.TensorBase
 _detach, _cpu, _double, _numpy = _TB.detach, _TB.cpu, _TB.double, _TB.numpy
 _requires_grad, _mul, _sum = _TB.requires_grad_, _TB.mul, _TB.sum
+_needs_grad = _TB.requires_grad.__get__
 _from_numpy = torch.from_numpy
 no_grad = torch.no_grad
 _backward = torch.autograd.backward
@@ -63,6 +68,16 @@ def restore():
         module.restore()
 
 
+def torch_check(func):
+    """A public check of a torch notebook: first put back the genuine torch.distributed and rank
+    machinery (restore), then run as every check runs (tpgrade._harness.check)."""
+    @functools.wraps(func)
+    def restored(*args, **kwargs):
+        restore()
+        return func(*args, **kwargs)
+    return check(restored)
+
+
 # -- used inside the ranks ------------------------------------------------------------------
 def tensor(array, requires_grad=False):
     """A torch tensor holding a copy of a numpy array (the test data is made with numpy)."""
@@ -92,4 +107,8 @@ def backprop(output, upstream, what):
     if values.shape != upstream.shape:
         raise ValueError(f"{what} returned shape {values.shape}, expected {upstream.shape}: "
                          f"its gradients cannot be checked")
+    if not _needs_grad(output):
+        raise ValueError(f"{what} returned a tensor that is not connected to its input in "
+                         f"autograd (a collective without its autograd twin?): its gradients "
+                         f"cannot be checked")
     _backward([_sum(_mul(output, tensor(upstream)))])

@@ -12,7 +12,7 @@ it is the instructor's own solution from source/tp_torch.
 """
 from __future__ import annotations
 
-from tpcourse.submissions import Submission
+from tpcourse.submissions import Submission, edited
 
 ASSIGNMENT = "tp_torch"
 NOTEBOOK = "tp_torch"
@@ -205,13 +205,7 @@ REFERENCE = {"sol_mappings": MAPPINGS, "sol_column_layer": COLUMN,
 
 def _with(**changes):
     """The catalogue reference with some cells' code edited: {cell: [(old, new), ...]}."""
-    answers = dict(REFERENCE)
-    for cell, edits in changes.items():
-        for old, new in edits:
-            if old not in answers[cell]:
-                raise ValueError(f"{cell}: {old!r} not in the reference")
-            answers[cell] = answers[cell].replace(old, new)
-    return answers
+    return edited(REFERENCE, **changes)
 
 
 def _student(name, answers, loses, why):
