@@ -365,7 +365,11 @@ def float64(view, kind):
         y, dx = dense["y"], dense["dx"]
     else:
         case, y, dx, _, _ = _linear(view, kind)
+    float64_verdicts(view, kind, y, dx)
 
+
+def float64_verdicts(view, kind, y, dx):
+    """The float64 run's output and input gradient (observe.float64_run) against y and dx."""
     def forward(rank):
         plain = view.obs(rank, "plain")
         if not (isinstance(plain, list) and all(isinstance(n, str) for n in plain)):
@@ -389,3 +393,8 @@ JUDGES = {
     ("mlp", "forward"): mlp_forward, ("mlp", "backward"): mlp_backward,
     ("mlp", "float64"): lambda v: float64(v, "mlp"),
 }
+
+
+from . import judge_attention  # noqa: E402  (tp_torch_attention's units, same tables)
+
+JUDGES.update(judge_attention.JUDGES)

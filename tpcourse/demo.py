@@ -116,38 +116,49 @@ def run(output: Path = OUTPUT, students: list[Submission] | None = None, log=pri
         course.generate_feedback(assignment)
         results[assignment] = gradebook_scores(course, assignment)
         log(f"{assignment}: {len(subs)} students graded in {time.perf_counter() - t0:.0f} s")
-    if grade_tp_torch_with_gpu_runner(course, log):
-        results["tp_torch"] = gradebook_scores(course, "tp_torch")
+    for assignment, subs in gpu_students().items():
+        if grade_with_gpu_runner(course, assignment, subs, log):
+            results[assignment] = gradebook_scores(course, assignment)
     csv = course.export(output / "grades.csv")
     return {"course": course, "results": results, "csv": csv}
 
 
-def grade_tp_torch_with_gpu_runner(course: Course, log=print) -> bool:
-    """HOOK: tp_torch's layers run on real ranks under torchrun, which nbgrader cannot do; the
-    gpu_runner package grades them and writes the scores into this course's gradebook.
-    Skipped until both the assignment (source/tp_torch) and `gpu_runner.grade` exist."""
-    if not (REPO / "source" / "tp_torch").is_dir():
-        log("tp_torch: no source/tp_torch yet, skipped")
+def gpu_students() -> dict[str, list[Submission]]:
+    """The assignments with gpu_* cells (graded on real ranks) and the demo's students of each:
+    the instructor's solution, and for tp_torch_attention a timing without a barrier."""
+    from .examples import torch_attention_students as attn
+    return {"tp_torch": [Submission("reference", "tp_torch")],
+            attn.ASSIGNMENT: [attn.REFERENCE, attn.BY_NAME["tattn_no_barrier"]]}
+
+
+def grade_with_gpu_runner(course: Course, assignment: str, subs, log=print) -> bool:
+    """The layers run on real ranks under torchrun, which nbgrader cannot do: after the usual
+    cycle (autograde scores the notebook's own tests), `python -m gpu_runner.grade` scores the
+    gpu_* cells into this course's gradebook. Skipped when the assignment or gpu_runner is
+    missing."""
+    if not (REPO / "source" / assignment).is_dir():
+        log(f"{assignment}: no source/{assignment}, skipped")
         return False
     if importlib.util.find_spec("gpu_runner") is None or \
             importlib.util.find_spec("gpu_runner.grade") is None:
-        log("tp_torch: gpu_runner.grade not importable yet, skipped")
+        log(f"{assignment}: gpu_runner.grade not importable, skipped")
         return False
-    assignment = "tp_torch"
+    t0 = time.perf_counter()
     course.generate(assignment)
     course.release(assignment)
-    course.submit_as("reference", assignment,
-                     build(Submission("reference", assignment), course.root / "source",
-                           course.root / "release"))
+    for sub in subs:
+        course.submit_as(sub.student, assignment,
+                         build(sub, course.root / "source", course.root / "release"))
     course.collect(assignment)
     course.autograde(assignment)
     proc = subprocess.run([sys.executable, "-m", "gpu_runner.grade", assignment,
                            "--course-root", str(course.root)], capture_output=True, text=True)
     if proc.returncode != 0:
-        log(f"tp_torch: gpu_runner.grade exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        log(f"{assignment}: gpu_runner.grade exited {proc.returncode}:\n{proc.stderr[-2000:]}")
         return False
     course.generate_feedback(assignment)
-    log("tp_torch: graded by gpu_runner")
+    log(f"{assignment}: {len(subs)} students graded, gpu_* cells by gpu_runner, in "
+        f"{time.perf_counter() - t0:.0f} s")
     return True
 
 
