@@ -61,7 +61,7 @@ def layer_case(seed) -> Case:
 # so that the times are not launch overheads); untested on GPUs in the test suite (no GPU there).
 MEASURE = {"cpu": {"sizes": (256, 512, 1024), "tokens": 64, "repeats": 7, "warmup": 2},
            "cuda": {"sizes": (2048, 4096, 8192), "tokens": 4096, "repeats": 7, "warmup": 2}}
-AGREE_RUNS = 3        # the student's function runs 3 times, between 4 runs of the grader's own
+AGREE_RUNS = 4        # the student's function runs 4 times, between 5 runs of the grader's own
 AGREE_FACTOR = 3.0    # each median within [min of the grader's / 3, max of the grader's x 3]
 # The barrier probe: the group's last rank sleeps SKEW_MS after every matmul (a slow rank); on the
 # other ranks an all-reduce timed without a barrier first includes that wait.

@@ -5,8 +5,12 @@ through tpgrade.tensors, as gpu_runner.judge does for tp_torch's layers. numpy o
 The TP overhead measurement (overhead.measure) is judged on three properties, each a sub-check
 of gpu_timing, with the amounts of gpu_runner.data_attention:
 - result: a dict {n: (compute_ms, comm_ms)} with the sizes asked for, positive numbers;
-- agrees: each median over the student's runs lies within [min / 3, max x 3] of the grader's
-  own runs of the same procedure, made before, between and after them in the same launch;
+- agrees: the student's function runs between runs of the grader's own measurement of the same
+  procedure (g s g s ... g, in the same launch); for every size and quantity, at least one of the
+  student's runs (each a median of repeats) lies within [min / 3, max x 3] of the two grader runs
+  around it. Load comes in bursts that can slow any one run several times over; a student off
+  by a constant factor (seconds for milliseconds, a total for a median) is off in every pair,
+  while a burst would have to hit every pair (bench/overhead_agreement_bench.py measures it);
 - barrier: with the group's last rank slowed after every matmul, the other ranks' all-reduces
   do not include the wait (below SKEW_MS / 2): the clock started after a barrier;
 - warmup: with the first calls of each shape slowed, the medians do not include them (below
@@ -102,7 +106,8 @@ def layer_forward(view):
     dense = case.layer().y
     view.each("layer.forward", lambda r: V.mismatch(
         view.tensor(r, "y"), dense, "the layer's output (h = x + attn(ln1(x)), "
-                                    "y = h + mlp(ln2(h)))"))
+                                    "y = h + mlp(ln2(h)))",
+        suspects=[V.bias_every_rank(dense, case.P["b2"], view.size)]))     # fc2's bias
     _counts(view, "counts.layer_forward", "counts", {"allreduce": 2})
 
 
@@ -168,30 +173,26 @@ def _checked(verdict):
     return run
 
 
-def _median(values):
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 _WHAT = ("compute", "all-reduce")
 
 
 def _agrees(view, rank, sizes):
     runs = [_table(rec, sizes) for rec in view.obs(rank, "student")]
     ours = [_table(rec, sizes) for rec in view.obs(rank, "grader")]
-    if not runs or len(ours) < 2:
-        raise records.Malformed("too few timing runs")
+    if not runs or len(ours) != len(runs) + 1:
+        raise records.Malformed("the timing runs are not interleaved with the grader's")
     for n in sizes:
         for i, what in enumerate(_WHAT):
-            mine = _median([run[n][i] for run in runs])
-            low, high = min(o[n][i] for o in ours), max(o[n][i] for o in ours)
-            if not low / D.AGREE_FACTOR <= mine <= high * D.AGREE_FACTOR:
-                return (f"the {what} time at n={n}: {mine:.3g} ms (median of your "
-                        f"{len(runs)} runs), the grader's same procedure measured "
-                        f"{low:.3g}-{high:.3g} ms in the same launch; allowed: within "
-                        f"{D.AGREE_FACTOR:g}x (milliseconds per matmul / per all-reduce, the "
-                        f"median of the repeats)")
+            pairs = [(run[n][i], ours[k][n][i], ours[k + 1][n][i]) for k, run in enumerate(runs)]
+            if not any(min(a, b) / D.AGREE_FACTOR <= mine <= max(a, b) * D.AGREE_FACTOR
+                       for mine, a, b in pairs):
+                theirs = [t for _, a, b in pairs for t in (a, b)]
+                return (f"the {what} time at n={n}: your {len(runs)} runs measured "
+                        f"{min(p[0] for p in pairs):.3g}-{max(p[0] for p in pairs):.3g} ms, the "
+                        f"grader's same procedure, run before and after each of them, "
+                        f"{min(theirs):.3g}-{max(theirs):.3g} ms: none within "
+                        f"{D.AGREE_FACTOR:g}x of the runs around it (milliseconds per matmul / "
+                        f"per all-reduce, the median of the repeats)")
     return ""
 
 

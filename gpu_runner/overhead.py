@@ -78,8 +78,10 @@ class Probe(TorchFunctionMode):
             self._cold(("matmul", tuple(result.shape)))
             if self.slow_ms:
                 time.sleep(self.slow_ms / 1e3)
-        elif name == "all_reduce" and args and isinstance(args[0], torch.Tensor):
-            self._cold(("all_reduce", tuple(args[0].shape)))
+        elif name == "all_reduce":
+            tensor = args[0] if args else (kwargs or {}).get("tensor")
+            if isinstance(tensor, torch.Tensor):
+                self._cold(("all_reduce", tuple(tensor.shape)))
         return result
 
     def _cold(self, key):

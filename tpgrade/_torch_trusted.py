@@ -20,12 +20,14 @@ Where each part of a torch check runs, and why that is enough:
 * Under `nbgrader autograde` none of this is needed: the judge (tpjudge) runs the checks in the
   grader's process, where no student code runs, and the ranks in the student's own process.
 """
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from . import torch_ranks
-from ._harness import Genuine
+from ._harness import Genuine, check
 
 _TB = torch._C.TensorBase
 _detach, _cpu, _double, _numpy = _TB.detach, _TB.cpu, _TB.double, _TB.numpy
@@ -61,6 +63,16 @@ def restore():
     """Undo what a notebook did to torch.distributed's functions and to tpgrade.torch_ranks."""
     for module in _GENUINE:
         module.restore()
+
+
+def torch_check(func):
+    """A graded check (tpgrade._harness.check) that first puts back the genuine
+    torch.distributed and rank machinery."""
+    @functools.wraps(func)
+    def restored(*args, **kwargs):
+        restore()
+        return func(*args, **kwargs)
+    return check(restored)
 
 
 # -- used inside the ranks ------------------------------------------------------------------

@@ -23,7 +23,8 @@ from . import attention_backward as AB
 from . import tensors as C
 from ._harness import check, make_read_only
 from ._layers import expect_bad_args
-from ._torch_trusted import as_numpy, backprop, get_rank, no_grad, restore, run_on_ranks, tensor
+from ._torch_trusted import as_numpy, backprop, get_rank, no_grad, run_on_ranks, tensor
+from ._torch_trusted import torch_check as _torch_check
 from .cases import balanced, kv_heads
 from .compare import expect_number, fail
 
@@ -31,17 +32,6 @@ TIMEOUT = 30           # seconds per run_on_ranks call
 HIDDEN, HEADS, KV, FFN = 6, 3, 1, 5
 SHAPE = (2, 4, HIDDEN)                       # batch, seq, hidden
 RANKS = 2
-
-
-def _torch_check(func):
-    """A check that first puts back the genuine torch.distributed and rank machinery."""
-    import functools
-
-    @functools.wraps(func)
-    def restored(*args, **kwargs):
-        restore()
-        return func(*args, **kwargs)
-    return check(restored)
 
 
 # -- head_ranges ------------------------------------------------------------------------------------
@@ -126,8 +116,8 @@ def projection_shards(QKVParallelLinear, OutputParallelLinear):
                           "qkv.weight (this rank's q rows, then its KV heads' k rows, then v rows)",
                           shapes=[(cut.shape, "the q rows split by features, not by heads: "
                                               "a head is cut between ranks"),
-                                  ((3 * HIDDEN, HIDDEN), "the whole fused weight: keep this "
-                                                         "rank's heads only")])
+                                  (((HEADS + 2 * KV) * d, HIDDEN), "the whole fused weight: "
+                                                                   "keep this rank's heads only")])
         if text:
             fail(f"{C.where(rank, RANKS)}: {text}")
         if b_qkv is not None:
@@ -257,7 +247,7 @@ def layer_forward(ParallelTransformerLayer):
     for rank, (y, *_) in enumerate(per_rank):
         text = C.mismatch(y, ref.y, "ParallelTransformerLayer's output (x + attention(LN1(x)), "
                           "then h + MLP(LN2(h)))",
-                          suspects=[C.bias_every_rank(ref.y, P["bo"] + P["b2"], RANKS)])
+                          suspects=[C.bias_every_rank(ref.y, P["b2"], RANKS)])   # fc2's
         if text:
             fail(f"{C.where(rank, RANKS)}: {text}")
 

@@ -9,25 +9,17 @@ that protects, and how, is in tpgrade._torch_trusted.
 """
 from __future__ import annotations
 
-import functools
-
 from . import tensors as C
 from . import _trusted as T
 from ._harness import check, make_read_only
-from ._torch_trusted import (as_numpy, backprop, get_rank, is_initialized, no_grad, restore,
-                             run_on_ranks, tensor)
+from ._torch_trusted import (as_numpy, backprop, get_rank, is_initialized, no_grad,
+                             run_on_ranks, tensor, torch_check)
 from .compare import fail
 
 TIMEOUT = 20           # seconds per run_on_ranks call: a deadlock is reported well within a cell
 
 
-def _torch_check(func):
-    """A check that first puts back the genuine torch.distributed and rank machinery."""
-    @functools.wraps(func)
-    def restored(*args, **kwargs):
-        restore()
-        return func(*args, **kwargs)
-    return check(restored)
+_torch_check = torch_check     # puts back the genuine torch.distributed first
 
 
 # -- shard_range ------------------------------------------------------------------------------
