@@ -12,9 +12,10 @@ of gpu_timing, with the amounts of gpu_runner.data_attention:
   by a constant factor (seconds for milliseconds, a total for a median) is off in every pair,
   while a burst would have to hit every pair (bench/overhead_agreement_bench.py measures it);
 - barrier: with the group's last rank slowed after every matmul, the other ranks' all-reduces
-  do not include the wait (below SKEW_MS / 2): the clock started after a barrier;
+  do not include the wait (below SKEW_MS / 2) in one of PROBE_RUNS runs: the clock started
+  after a barrier;
 - warmup: with the first calls of each shape slowed, the medians do not include them (below
-  COLD_MS / 2): untimed warm-up rounds came first.
+  COLD_MS / 2) in one of PROBE_RUNS runs: untimed warm-up rounds came first.
 """
 from __future__ import annotations
 
@@ -196,28 +197,37 @@ def _agrees(view, rank, sizes):
     return ""
 
 
+def _probed(view, rank, key, probe):
+    """The (compute_ms, comm_ms) of each run of the student's function under a probe."""
+    runs = view.obs(rank, key)
+    if not isinstance(runs, list) or len(runs) != D.PROBE_RUNS:
+        raise records.Malformed(f"the {key} runs")
+    n = probe["sizes"][0]
+    return [_table(rec, probe["sizes"])[n] for rec in runs]
+
+
 def _barrier(view, rank, probe):
     if rank == view.size - 1:
         return ""                         # the slow rank itself
-    n = probe["sizes"][0]
-    comm = _table(view.obs(rank, "skew"), probe["sizes"])[n][1]
+    comm = min(c for _, c in _probed(view, rank, "skew", probe))
     if comm < D.SKEW_MS / 2:
         return ""
     return (f"with rank {view.size - 1} of {view.size} made {D.SKEW_MS:g} ms slower after each "
-            f"matmul, this rank's all-reduce took {comm:.3g} ms (median): its clock started "
+            f"matmul, this rank's all-reduce took {comm:.3g} ms (median; the better of "
+            f"{D.PROBE_RUNS} runs): its clock started "
             f"before the slow rank arrived, so it timed the wait; call dist.barrier(group=group) "
             f"before each timed region")
 
 
 def _warmup(view, rank, probe):
-    n = probe["sizes"][0]
-    compute, comm = _table(view.obs(rank, "cold"), probe["sizes"])[n]
+    compute, comm = min(_probed(view, rank, "cold", probe), key=max)
     if max(compute, comm) < D.COLD_MS / 2:
         return ""
     return (f"with the first {D.COLD_CALLS} calls of each matmul and all-reduce shape made "
             f"{D.COLD_MS:g} ms slower (first calls are slow on a GPU), your medians with "
             f"warmup={probe['warmup']}, repeats={probe['repeats']} were {compute:.3g} ms "
-            f"(compute) and {comm:.3g} ms (all-reduce): run `warmup` untimed rounds of both "
+            f"(compute) and {comm:.3g} ms (all-reduce; the better of {D.PROBE_RUNS} runs): "
+            f"run `warmup` untimed rounds of both "
             f"before timing")
 
 

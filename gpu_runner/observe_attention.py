@@ -93,8 +93,9 @@ def layer_backward(ctx: Ctx):
 
 def overhead_measure(ctx: Ctx):
     """The student's measure_overhead, AGREE_RUNS times between the grader's own measurements
-    (the same arguments), then once under each probe (gpu_runner.overhead.Probe): the group's
-    last rank slowed after every matmul, and the first calls of each shape slowed on every rank."""
+    (the same arguments), then PROBE_RUNS times under each probe (gpu_runner.overhead.Probe):
+    the group's last rank slowed after every matmul, and the first calls of each shape slowed
+    on every rank."""
     kind = "cuda" if ctx.device.type == "cuda" else "cpu"
     args, probe = D.MEASURE[kind], D.probe_args(kind)
     ctx.report("device", kind)
@@ -116,10 +117,12 @@ def overhead_measure(ctx: Ctx):
     ctx.report("grader", ours)
     ctx.report("student", theirs)
     slow = ctx.rank == ctx.size - 1
-    ctx.report("skew", ctx.phase(lambda: student(
-        overhead.Probe(slow_ms=D.SKEW_MS if slow else 0.0), **probe)))
-    ctx.report("cold", ctx.phase(lambda: student(
-        overhead.Probe(cold_calls=D.COLD_CALLS, cold_ms=D.COLD_MS), **probe)))
+    ctx.report("skew", [ctx.phase(lambda: student(
+        overhead.Probe(slow_ms=D.SKEW_MS if slow else 0.0), **probe))
+        for _ in range(D.PROBE_RUNS)])
+    ctx.report("cold", [ctx.phase(lambda: student(
+        overhead.Probe(cold_calls=D.COLD_CALLS, cold_ms=D.COLD_MS), **probe))
+        for _ in range(D.PROBE_RUNS)])
 
 
 UNITS = {

@@ -186,8 +186,9 @@ def _timing_ends(student=(0.5, 0.5), skew=(0.3, 0.6, 40.2), cold=(0.3, 0.6), gra
     for rank in range(2):
         skewed = _rows(skew[2], 0.6, probe) if rank == 1 else _rows(skew[0], skew[1], probe)
         ends[rank] = {"obs": {"device": "cpu", "grader": [_rows(*grader)] * (D.AGREE_RUNS + 1),
-                              "student": [_rows(*student)] * D.AGREE_RUNS, "skew": skewed,
-                              "cold": _rows(*cold, probe)}}
+                              "student": [_rows(*student)] * D.AGREE_RUNS,
+                              "skew": [skewed] * D.PROBE_RUNS,
+                              "cold": [_rows(*cold, probe)] * D.PROBE_RUNS}}
     return ends
 
 
@@ -222,10 +223,22 @@ def test_agreement_needs_one_pair_of_runs_to_agree():
     assert not ok and "none within 3x of the runs around it" in detail
 
 
+def test_a_probe_passes_when_one_of_its_runs_does():
+    """A burst of load in one run of a probe (an all-reduce median of 45 ms with a barrier) does
+    not fail a student whose other run is clean; a missing barrier shows in both runs."""
+    probe = D.probe_args("cpu")["sizes"]
+    ends = _timing_ends()
+    ends[0]["obs"]["skew"] = [_rows(0.3, 45.0, probe), _rows(0.3, 0.7, probe)]
+    assert judge(Unit.parse("overhead.measure@2"), ends)["overhead.barrier"] == (True, "")
+    ends[0]["obs"]["skew"] = [_rows(0.3, 45.0, probe), _rows(0.3, 41.0, probe)]
+    ok, detail = judge(Unit.parse("overhead.measure@2"), ends)["overhead.barrier"]
+    assert not ok and "41 ms (median; the better of 2 runs)" in detail
+
+
 def test_a_timing_result_of_the_wrong_kind_fails_its_checks_not_the_grader():
     ends = _timing_ends()
     ends[1]["obs"]["student"][2] = {"type": "list"}
-    ends[0]["obs"]["skew"] = [[256, "nan", 1.0]]
+    ends[0]["obs"]["skew"] = [[[256, "nan", 1.0]]] * D.PROBE_RUNS
     del ends[0]["obs"]["cold"]
     verdicts = judge(Unit.parse("overhead.measure@2"), ends)
     assert "rank 1 of 2: measure_overhead returned a list" in verdicts["overhead.result"][1]
