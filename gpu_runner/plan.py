@@ -114,8 +114,9 @@ AT_SIZES["overhead"] = lambda sizes: [s for s in sizes if s >= 2][:1]
 
 
 def make_plan(sizes, timing: bool = True, cells=None) -> list[Unit]:
-    """Every unit at every world size; with `cells` (the grade_ids of a notebook's gpu_* cells),
-    only the units with a check counting towards one of them (an assignment's own layers)."""
+    """Every unit at every world size of its layer (AT_SIZES); with `cells` (the grade_ids of a
+    notebook's gpu_* cells), only the units of the assignment's own layers: those with a check,
+    other than a shared family's (SHARED_FAMILIES), counting towards one of them."""
     sizes = sorted(set(sizes))
     world = sizes[-1]
     units = [Unit("errors", step, world) for step in STEPS["errors"]]
