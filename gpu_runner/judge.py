@@ -376,7 +376,11 @@ def float64(view, kind):
         y, dx = dense["y"], dense["dx"]
     else:
         case, y, dx, _, _ = _linear(view, kind)
+    float64_verdicts(view, kind, y, dx)
 
+
+def float64_verdicts(view, kind, y, dx):
+    """The float64 run's output and input gradient (observe.float64_run) against y and dx."""
     view.each(f"{kind}.forward_float64",
               lambda r: float64_output_verdict(view, r, y, "the float64 output"))
     view.each(f"{kind}.grad_float64", lambda r: _float64_verdict(
@@ -395,3 +399,8 @@ JUDGES = {
     ("mlp", "float64"): lambda v: float64(v, "mlp"),
     **judge_sequence.JUDGES,
 }
+
+
+from . import judge_attention  # noqa: E402  (tp_torch_attention's units, same tables)
+
+JUDGES.update(judge_attention.JUDGES)

@@ -342,7 +342,12 @@ def float64(ctx: Ctx, kind):
     else:       # the row layer takes the full input: its scatter's backward gathers
         make, case = _maker(ctx, kind, **({"input_is_parallel": False} if kind == "row" else {}))
         module = ctx.phase(make)
-    x = case.x
+    float64_run(ctx, module, case.x, case.g)
+
+
+def float64_run(ctx: Ctx, module, x, g):
+    """`module` moved to float64, run on a float64 `x` with meta as the default device, then
+    backward with upstream `g`: reports "plain", "input_device", "y" and "gx"."""
     ctx.phase(lambda: module.to(torch.float64))
     ctx.report("plain", ctx.phase(lambda: plain_tensors(module)))
     xs = ctx.tensor(x, torch.float64, requires_grad=True)
@@ -352,8 +357,7 @@ def float64(ctx: Ctx, kind):
         with torch.device("meta"):
             return module(xs)
     y = ctx.observe("y", forward)
-    ctx.phase(lambda: (_shaped(y, case.g.shape) * ctx.tensor(case.g, torch.float64)).sum()
-              .backward())
+    ctx.phase(lambda: (_shaped(y, g.shape) * ctx.tensor(g, torch.float64)).sum().backward())
     ctx.observe("gx", lambda: xs.grad)
 
 
@@ -431,3 +435,8 @@ UNITS = {
     ("mlp", "float64"): lambda ctx: float64(ctx, "mlp"),
     **observe_sequence.UNITS,
 }
+
+
+from . import observe_attention  # noqa: E402  (tp_torch_attention's units, same tables)
+
+UNITS.update(observe_attention.UNITS)

@@ -54,7 +54,7 @@ CHECKS = {
 
 @dataclass(frozen=True)
 class Unit:
-    kind: str     # errors | column | row | mlp | timing
+    kind: str     # errors | column | row | mlp | attention | layer | overhead | timing
     step: str     # see STEPS; for timing: the layer timed
     size: int     # world size of the group it runs on
 
@@ -88,22 +88,52 @@ class Unit:
 # The layers, in the order their units run (a new torch assignment's layers are appended here,
 # with their STEPS, CHECKS and cells).
 LAYERS = ("column", "row", "mlp") + plan_sequence.LAYERS
+# Check families whose cell several assignments share (each notebook has its own
+# gpu_collective_counts): they do not make a layer one of a notebook's own (make_plan).
+SHARED_FAMILIES = ("counts",)
+# A family's cell where cell_of's naming rule does not give it.
+FAMILY_CELLS: dict[str, str] = {}
+# The world sizes a layer runs at, from the course's (default: all of them).
+AT_SIZES: dict = {}
+
+# tp_torch_attention: ParallelAttention, ParallelTransformerLayer, the TP overhead measurement
+STEPS.update(attention=("forward", "backward", "float64"), layer=("forward", "backward"),
+             overhead=("measure",))
+CHECKS.update({
+    ("attention", "forward"): ("attention.forward", "attention.forward_causal",
+                               "counts.attention_forward*"),
+    ("attention", "backward"): ("attention.grad_input", "attention.grad_qkv",
+                                "attention.grad_proj", "counts.attention_backward*"),
+    ("attention", "float64"): ("attention.forward_float64", "attention.grad_float64"),
+    ("layer", "forward"): ("layer.forward", "counts.layer_forward*"),
+    ("layer", "backward"): ("layer.grad_input", "layer.grad_norms", "layer.grad_attention",
+                            "layer.grad_mlp", "counts.layer_backward*"),
+    # measured next to the grader's own measurement, on the smallest group with communication
+    ("overhead", "measure"): ("overhead.result", "overhead.agrees", "overhead.barrier",
+                              "overhead.warmup"),
+})
+LAYERS += ("attention", "layer", "overhead")
+FAMILY_CELLS["overhead"] = "gpu_timing"
+AT_SIZES["overhead"] = lambda sizes: [s for s in sizes if s >= 2][:1]
 
 
 def make_plan(sizes, timing: bool = True, cells=None) -> list[Unit]:
-    """Every unit at every world size; with `cells` (the grade_ids of a notebook's gpu_* cells),
-    only the units with a check counting towards one of them (an assignment's own layers)."""
+    """Every unit at every world size of its layer (AT_SIZES); with `cells` (the grade_ids of a
+    notebook's gpu_* cells), only the units of the assignment's own layers: those with a check,
+    other than a shared family's (SHARED_FAMILIES), counting towards one of them."""
     sizes = sorted(set(sizes))
     world = sizes[-1]
     units = [Unit("errors", step, world) for step in STEPS["errors"]]
     for kind in LAYERS:
-        steps = STEPS[kind]
+        steps, at = STEPS[kind], AT_SIZES.get(kind, list)(sizes)
         if steps[0] == "shards":    # cheap and independent: in before any fault can happen
-            units += [Unit(kind, "shards", p) for p in sizes]
+            units += [Unit(kind, "shards", p) for p in at]
             steps = steps[1:]
-        units += [Unit(kind, step, p) for p in sizes for step in steps]
-    if cells is not None:
-        units = [u for u in units if any(cell_of(n) in cells for n in CHECKS[(u.kind, u.step)])]
+        units += [Unit(kind, step, p) for p in at for step in steps]
+    if cells is not None:           # the layers with a check of their own in one of `cells`
+        own = {u.kind for u in units for n in CHECKS[(u.kind, u.step)]
+               if n.split(".")[0] not in SHARED_FAMILIES and cell_of(n) in cells}
+        units = [u for u in units if u.kind in own]
     if timing:
         layers = {u.kind for u in units}
         units += [Unit("timing", layer, p) for layer in TIMED_LAYERS if layer in layers
@@ -128,6 +158,8 @@ def cell_of(check: str) -> str:
     if plan_sequence.cell_of(check):
         return plan_sequence.cell_of(check)
     family, name = check.split("@")[0].split(".")
+    if family in FAMILY_CELLS:
+        return FAMILY_CELLS[family]
     if family == "errors":
         return "gpu_errors"
     if family == "counts":

@@ -9,6 +9,7 @@ sandbox) is tests/test_gpu_runner_slow.py's.
 """
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import socket
@@ -32,26 +33,40 @@ def _free_port() -> int:
 
 
 def _rank(rank, world, port, argv):
+    faulthandler.disable()      # a rank a student's code crashes need not dump pytest's stack
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     worker.main(argv)           # ends in os._exit
 
 
-def grade(sub, sizes, tmp: Path, pg_timeout=10.0, steps=None) -> dict:
-    """The report of `sub` (a tpcourse Submission) graded at `sizes` on forked gloo ranks, with
-    the units of its assignment's gpu_* cells; `steps`: only the units of these (kind, step)s."""
-    source_nb = extract.read(source(sub.assignment))
-    module = tmp / "solution.py"
-    extract.write_module(source_nb, build(sub)[f"{sub.assignment}.ipynb"], module)
-    cfg = Config(sizes=tuple(sizes), backend="gloo", pg_timeout=pg_timeout)
+def grade(sub, sizes, tmp: Path, pg_timeout=10.0, steps=None, max_launches=1) -> dict:
+    """The report of `sub` (a tpcourse Submission) graded at `sizes` on forked gloo ranks, the
+    units of its assignment's gpu_* cells; `steps`: only the units of these (kind, step)s;
+    `max_launches`: relaunches after a fault, as gpu_runner.launch makes them."""
+    assignment = sub.assignment
+    source_nb = extract.read(source(assignment))
     cells = extract.gpu_cells(source_nb)
+    module = tmp / "solution.py"
+    extract.write_module(source_nb, build(sub)[f"{assignment}.ipynb"], module)
+    cfg = Config(sizes=tuple(sizes), backend="gloo", pg_timeout=pg_timeout)
     plan = [u for u in make_plan(sizes, timing=False, cells=cells)
             if steps is None or (u.kind, u.step) in steps]
-    out = tmp / "launch0"
+    results = {}
+    for index in range(max_launches):   # a fault ends a launch: the rest runs in the next one
+        todo = [u for u in plan if u.id not in results]
+        if not todo or not _launch(module, tmp / f"launch{index}", todo, sizes, cfg, results):
+            break
+    for u in plan:     # units a fault left behind: not what these tests look at
+        results.setdefault(u.id, report_failed(u))
+    return report.build(sub.student, assignment, assignment, cells, plan, results, [], cfg, 0.0)
+
+
+def _launch(module, out, todo, sizes, cfg, results) -> int:
+    """One forked launch of the units `todo`; fills `results`, returns how many got one."""
     job_dir(out).mkdir(parents=True)
     argv = ["--module", str(module), "--out", str(job_dir(out)),
-            "--units", ",".join(u.id for u in plan), "--sizes", ",".join(map(str, sizes)),
-            "--pg-timeout", str(pg_timeout), "--step-timeout", str(cfg.unit_timeout)]
+            "--units", ",".join(u.id for u in todo), "--sizes", ",".join(map(str, sizes)),
+            "--pg-timeout", str(cfg.pg_timeout), "--step-timeout", str(cfg.unit_timeout)]
     port, ctx = _free_port(), mp.get_context("fork")
     procs = [ctx.Process(target=_rank, args=(r, cfg.world, port, argv)) for r in range(cfg.world)]
     for p in procs:
@@ -60,13 +75,8 @@ def grade(sub, sizes, tmp: Path, pg_timeout=10.0, steps=None) -> dict:
         p.join(120)
         if p.is_alive():
             p.kill()
-    results = {}
     sup = {"rc": 0, "timed_out": False}
-    _interpret(_read_records(out), plan, cfg, sup, out / "torchrun.log", results)
-    for u in plan:     # units a fault left behind: not what these tests look at
-        results.setdefault(u.id, report_failed(u))
-    return report.build(sub.student, sub.assignment, sub.assignment, cells, plan, results, [],
-                        cfg, 0.0)
+    return _interpret(_read_records(out), todo, cfg, sup, out / "torchrun.log", results)
 
 
 def report_failed(u):

@@ -356,7 +356,7 @@ def test_the_same_checks_and_points_on_every_machine(tmp_path, monkeypatch, sour
     for gpus in (0, 1, 2, 4, 8):
         monkeypatch.setattr(machine, "gpu_count", lambda gpus=gpus: gpus)
         backend, sizes = backend_and_sizes(root, "auto", None)
-        planned = planned_checks(make_plan(sizes))
+        planned = planned_checks(make_plan(sizes, cells=cells))
         plans[gpus] = (backend, sizes, {cell: (cells[cell], sorted(c for c, g in planned.items()
                                                                     if g == cell))
                                         for cell in cells})
@@ -617,7 +617,8 @@ def test_report_comments_list_every_failed_check_and_no_grader_paths(tmp_path):
 
 def test_the_judging_side_imports_no_torch_and_no_grader_module_imports_tpcourse():
     code = ("import sys; import gpu_runner.judge, gpu_runner.launch, gpu_runner.report, "
-            "gpu_runner.reference, gpu_runner.records, gpu_runner.data, tpgrade.tensors; "
+            "gpu_runner.reference, gpu_runner.records, gpu_runner.data, tpgrade.tensors, "
+            "gpu_runner.judge_attention, gpu_runner.data_attention, tpgrade.attention_backward; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     for path in RUNNER.glob("*.py"):

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from tpcourse import REPO
+from tpcourse.examples import torch_attention_students as attn
 from tpcourse.examples import torch_students as cat
 from tpcourse.submissions import build
 
@@ -39,8 +40,8 @@ PG_TIMEOUT, WALL = 5, 180
 FLAGS = ["--pg-timeout", str(PG_TIMEOUT), "--timeout", str(WALL), "--backend", "gloo"]
 
 
-def _grade(root, students, *extra):
-    cmd = [sys.executable, "-m", "gpu_runner.grade", ASSIGNMENT, "--course-root", str(root),
+def _grade(root, students, *extra, assignment=ASSIGNMENT):
+    cmd = [sys.executable, "-m", "gpu_runner.grade", assignment, "--course-root", str(root),
            *FLAGS, *extra]
     for s in students:
         cmd += ["--student", s]
@@ -49,7 +50,7 @@ def _grade(root, students, *extra):
 
 @pytest.fixture(scope="module")
 def course(make_course):
-    course = make_course("gpu_runner", [ASSIGNMENT], extra_config="")
+    course = make_course("gpu_runner", [ASSIGNMENT, attn.ASSIGNMENT], extra_config="")
     course.generate(ASSIGNMENT)
     for name in IN_GRADEBOOK:
         course.place_submission(name, ASSIGNMENT, build(cat.BY_NAME[name]))
@@ -244,3 +245,39 @@ def test_sequence_wrong_students_lose_exactly_their_cells(sequence_course, stude
     assert _lost(rep) == set(sub.loses), {g: c["comment"] for g, c in rep["cells"].items()}
     assert not rep["faults"] and len(rep["launches"]) == 1
     assert says in " ".join(c["comment"] for c in rep["cells"].values())
+
+
+# -- tp_torch_attention: one batch, its reference graded first, then a wrong student -----------------
+# (the reference is graded by the runner itself before any student, in the same sandbox and
+# launches; each layer mistake is graded on forked ranks in test_torch_attention.py)
+ATTN_WRONG = ["tattn_no_barrier"]
+
+
+@pytest.fixture(scope="module")
+def attention(course):
+    """`python -m gpu_runner.grade tp_torch_attention` (reports only): two torchrun launches,
+    the source's own solution first (it must get full marks), then a timing without barriers."""
+    for name in ATTN_WRONG:
+        course.place_submission(name, attn.ASSIGNMENT, build(attn.BY_NAME[name]))
+    run = _grade(course.root, ATTN_WRONG, "--no-gradebook", "--step-timeout", "60",
+                 assignment=attn.ASSIGNMENT)     # the timing unit takes seconds on a loaded box
+    assert run.returncode == 0, run.stdout + run.stderr
+    return course.root / "gpu_reports" / attn.ASSIGNMENT
+
+
+def test_attention_reference_gets_full_marks_in_the_sandbox(attention):
+    ref = json.loads((attention / ".reference" / "report.json").read_text())
+    assert ref["score"] == ref["max_score"] == sum(attn.GPU_CELLS.values())
+    assert ref["world_sizes"] == [1, 2, 3, 4] and ref["sandboxed"] and len(ref["launches"]) == 1
+    assert ref["checks"]["overhead.agrees@2"]["ok"] and ref["checks"]["overhead.barrier@2"]["ok"]
+
+
+@pytest.mark.parametrize("student", ATTN_WRONG)
+def test_attention_mistakes_lose_their_cells_under_torchrun(attention, student):
+    rep = json.loads((attention / student / "report.json").read_text())
+    sub = attn.BY_NAME[student]
+    assert _lost(rep) == sub.loses & set(attn.GPU_CELLS), {
+        g: c["comment"] for g, c in rep["cells"].items()}
+    assert not rep["faults"] and len(rep["launches"]) == 1
+    if student == "tattn_no_barrier":
+        assert "timed the wait" in rep["cells"]["gpu_timing"]["comment"]

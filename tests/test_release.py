@@ -14,8 +14,9 @@ ASSIGNMENTS = source_assignments()
 MARKERS = ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS",
            "BEGIN MARK SCHEME", "END MARK SCHEME")
 # What nbgrader puts in place of a solution (nbgrader_config.py and nbgrader's markdown stub).
-# tp_torch is graded on real ranks by gpu_runner; the numpy assignments carry hidden tests.
-HIDDEN_TESTS_REQUIRED = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention")
+# tp_torch is graded on real ranks by gpu_runner; the numpy assignments carry hidden tests, and so
+# does tp_torch_attention (its cost model's).
+HIDDEN_TESTS_REQUIRED = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention", "tp_torch_attention")
 MIN_SECRET_LEN = 8
 STUB_LINES = {"# YOUR CODE HERE", "raise NotImplementedError()", "YOUR ANSWER HERE"}
 

@@ -1,11 +1,12 @@
-"""The torch notebooks (tp_torch, tp_torch_sequence) through the real nbgrader cycle, in a
-temporary course.
+"""The torch notebooks (tp_torch, tp_torch_sequence, tp_torch_attention) through the real
+nbgrader cycle, in one temporary course.
 
-One course for the module: `nbgrader generate_assignment` of both, then a single batched
+One course for the module: `nbgrader generate_assignment` of all three, then one batched
 `nbgrader autograde` of the reference solution, the unmodified release and a few classic
-mistakes of each. The in-notebook tests (run on 2 gloo ranks inside the kernel) must give the
-reference full marks, point at the mistakes, and leave the gpu_* task cells to the gpu_runner
-(ungraded by autograde, worth their fixed points in the gradebook).
+mistakes of each. The in-notebook tests (run on 2 gloo ranks, judged in the grader) must give
+the reference full marks, point at the mistakes, and leave the gpu_* task cells to the
+gpu_runner (ungraded by autograde, worth their fixed points in the gradebook, where the
+gpu_runner's scores land and `nbgrader export` counts them).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.nbgrader
 
 from test_torch_checks import BIAS_EVERY_RANK, BIAS_ONES, NO_F, REBIND, answers_with  # noqa: E402
 from tpcourse import REPO  # noqa: E402
+from tpcourse.examples import torch_attention_students as attn  # noqa: E402
 from tpcourse.examples import torch_sequence_students as seq  # noqa: E402
 from tpcourse.submissions import (build, fill, grade_id, is_solution, read,  # noqa: E402
                                   reference_answers)
@@ -74,12 +76,18 @@ def mistake_answers(name):
 # zero, and the other mistakes: tests/test_torch_sequence.py, in-process).
 SEQUENCE = seq.ASSIGNMENT
 SEQUENCE_STUDENTS = ("tseq_reference", "tseq_layernorm_gathered")
+# tp_torch_attention: the reference and a mistake (the release at zero and every catalogued
+# student: test_torch_attention.py, in-process)
+ATTN_STUDENTS = [attn.REFERENCE, attn.BY_NAME["tattn_bias_every_rank"]]
 
 
 @pytest.fixture(scope="module")
 def course(make_course):
-    course = make_course("tp_torch_course", [ASSIGNMENT, SEQUENCE])
-    course.generate("*")                        # both assignments, one nbgrader call
+    course = make_course("tp_torch_course", [ASSIGNMENT, SEQUENCE, attn.ASSIGNMENT])
+    course.generate("*")                        # every assignment, one nbgrader call
+    for sub in ATTN_STUDENTS:
+        course.place_submission(sub.student, attn.ASSIGNMENT,
+                                build(sub, course.root / "source", course.root / "release"))
     release = read(course.root / "release" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb")
     reference = reference_answers(source_nb())
     name = f"{ASSIGNMENT}.ipynb"
@@ -91,7 +99,7 @@ def course(make_course):
     course.place_submission("rebinder", ASSIGNMENT, {name: fill(release, REBINDER[0])})
     for student in SEQUENCE_STUDENTS:
         course.place_submission(student, SEQUENCE, build(seq.BY_NAME[student]))
-    course.autograde("*")  # one batched call for every student of both assignments
+    course.autograde("*")  # one batched call for every student of every assignment
     return course
 
 
@@ -251,3 +259,40 @@ def test_sequence_gpu_scores_land_in_the_gradebook(course):
         comment = gb.find_comment("gpu_sp_backward", SEQUENCE, SEQUENCE, student).manual_comment
     assert comment == rep["cells"]["gpu_sp_backward"]["comment"]
     assert "LayerNorm ran on the gathered tensor" in comment
+
+
+# -- tp_torch_attention -------------------------------------------------------------------------------
+def _attn_scores(course, student):
+    return course.scores(attn.ASSIGNMENT, student)[attn.NOTEBOOK]
+
+
+def test_attention_notebook_tests_name_the_mistake_and_gpu_cells_wait(course):
+    tests = graded_tests(read(attn.SOURCE))
+    for sub in ATTN_STUDENTS:
+        got = _attn_scores(course, sub.student)
+        lost = {gid for gid, points in tests.items() if got[gid][0] < points}
+        assert lost == (set(tests) if sub.loses_all else
+                        {g for g in sub.loses if g.startswith("test_")}), sub.student
+        assert {gid: got[gid][1] for gid in attn.GPU_CELLS} == attn.GPU_CELLS
+    graded = read(course.root / "autograded" / "tattn_bias_every_rank" / attn.ASSIGNMENT /
+                  f"{attn.NOTEBOOK}.ipynb")
+    [cell] = [c for c in graded.cells if grade_id(c) == "test_attention_forward"]
+    assert "bias added on every rank before the all-reduce" in str(cell.outputs)
+
+
+def test_attention_gpu_scores_land_in_the_gradebook_and_the_export(course):
+    """What `python -m gpu_runner.grade tp_torch_attention` writes (gpu_runner.gradebook, by
+    grade_id) is counted by `nbgrader export` with the notebook's tests."""
+    import csv
+
+    from gpu_runner.gradebook import write_scores
+    student = attn.REFERENCE.student
+    write_scores(course.db_url, attn.ASSIGNMENT, attn.NOTEBOOK, student,
+                 {gid: (points, "gpu_runner: all checks passed") for gid, points in
+                  attn.GPU_CELLS.items()})
+    got = _attn_scores(course, student)
+    assert all(got[gid] == (p, p) for gid, p in attn.GPU_CELLS.items())
+    rows = [r for r in csv.DictReader(open(course.export()))
+            if r["student_id"] == student and r["assignment"] == attn.ASSIGNMENT]
+    total = sum(graded_tests(read(attn.SOURCE)).values()) + sum(attn.GPU_CELLS.values())
+    assert float(rows[0]["score"]) == pytest.approx(total) == float(rows[0]["max_score"])

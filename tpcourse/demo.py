@@ -136,6 +136,7 @@ def run(output: Path = OUTPUT, students: list[Submission] | None = None, log=pri
 GPU_DEMO_STUDENTS = {
     "tp_torch_sequence": ("torch_sequence_students",
                           ("tseq_layernorm_gathered", "tseq_ce_gathers_logits")),
+    "tp_torch_attention": ("torch_attention_students", ("tattn_no_barrier",)),
 }
 
 
