@@ -269,9 +269,10 @@ def _copy_back(sent, returned, depth=0) -> None:
                 np.copyto(mine, theirs)
 
 
-def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanup=None) -> Student:
+def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanup=None,
+          preexec=None) -> Student:
     """Start a student's process working in `workdir` (its sandbox: `wrap(argv) -> argv`, or
-    none), and wait until it is ready. Raises StudentGone when it cannot start: that is the
+    none; `preexec`: Popen's preexec_fn), and wait until it is ready. Raises StudentGone when it cannot start: that is the
     grader's problem (no student code has run yet), with the process's own words."""
     judge_end, student_end = socket.socketpair()
     control, control_end = socket.socketpair()
@@ -283,7 +284,7 @@ def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanu
         proc = subprocess.Popen(wrap(argv) if wrap else argv, cwd=str(scratch or workdir),
                                 pass_fds=(student_end.fileno(), control_end.fileno()),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=preexec)
     finally:
         student_end.close()
         control_end.close()

@@ -17,6 +17,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import Unicode
 
 from . import command
+from .lifetime import tied_child
 from .scratch import LOCK_MARK, new_scratch, remove_tree, working_copy  # noqa: F401
 from .settings import Sandbox
 
@@ -67,6 +68,7 @@ class SandboxKernelManager(AsyncKernelManager):
                                    hidden=course_paths(self.config))
         kw.pop("env", None)  # bwrap --clearenv/--setenv decides the kernel's environment
         kw["cwd"] = str(self._base)
+        kw["preexec_fn"] = tied_child()  # no orphaned kernel if the grader dies mid-launch
         return kernel_cmd, kw
 
     async def _async_interrupt_kernel(self):

@@ -4,36 +4,25 @@ staging folder and a private sqlite gradebook, and reports back to the single wr
 """
 from __future__ import annotations
 
-import ctypes
 import io
 import logging
 import os
 import shutil
-import signal
 import sys
 import traceback
 from pathlib import Path
 
+from tpsandbox.lifetime import die_with_parent
 from tpsandbox.settings import UID_ENV
 
 from .. import load_config
-
-
-def _die_with_parent() -> None:
-    """SIGKILL this worker when the grader dies (a SIGKILLed grader cannot clean up)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def serve(index: int, root: str, parent_pid: int, tasks, results, uid_base: int | None,
           log_dir: str, hide=()) -> None:
     """Worker process main loop: take (assignment, student, stage_dir) tasks until None.
     `hide`: folders the student's code must not see besides the course's (a shard's)."""
-    _die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+    die_with_parent(parent_pid)  # a SIGKILLed grader cannot clean up
     if uid_base is not None:
         os.environ[UID_ENV] = str(uid_base + index)  # per-worker uid: independent process limits
     os.chdir(root)

@@ -27,6 +27,7 @@ from tpjudge.errors import StudentGone
 from tpjudge.settings import Judge
 from tpsandbox import wrap
 from tpsandbox.kernel import course_paths
+from tpsandbox.lifetime import tied_child
 from tpsandbox.scratch import new_scratch, remove_tree, working_copy
 
 from .sandboxed_execute import SandboxedExecute
@@ -105,7 +106,7 @@ class JudgedExecute(SandboxedExecute):
             if self.sandbox.enabled else None
         try:
             return session.start(workdir, self._settings(), wrap=confine, scratch=scratch,
-                                 cleanup=cleanup)
+                                 cleanup=cleanup, preexec=tied_child() if confine else None)
         except BaseException:
             cleanup()
             raise
