@@ -15,6 +15,7 @@ from tpgrade import _sequence_dense as S
 from tpgrade import tensors as V
 
 from . import data_sequence as D
+from . import plan_sequence
 from . import judge as J
 from . import records
 
@@ -360,15 +361,4 @@ def ce_float64(view):
     _float64(view, "ce", lambda r: loss, lambda r: grad[..., _columns(view, r)], "loss")
 
 
-JUDGES = {
-    ("seqmap", "gather"): lambda v: seqmap(v, "gather"),
-    ("seqmap", "reduce_scatter"): lambda v: seqmap(v, "reduce_scatter"),
-    ("seqmap", "scatter"): lambda v: seqmap(v, "scatter"),
-    ("sp", "forward"): sp_forward, ("sp", "backward"): sp_backward,
-    ("sp", "float64"): sp_float64,
-    ("emb", "shards"): emb_shards, ("emb", "forward"): emb_forward,
-    ("emb", "backward"): emb_backward, ("emb", "float64"): emb_float64,
-    ("emb", "errors"): emb_errors,
-    ("ce", "forward"): ce_forward, ("ce", "backward"): ce_backward,
-    ("ce", "stable"): ce_stable, ("ce", "float64"): ce_float64,
-}
+JUDGES = plan_sequence.handlers(globals())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import data_sequence as D
+from . import plan_sequence
 from . import observe as O
 from .collective_trace import CollectiveTrace
 from .records import encode_param, encode_tensor
@@ -235,15 +236,4 @@ def ce_float64(ctx):
     _float64_run(ctx, torch.nn.Module(), lambda: (loss(), z), case.g)
 
 
-UNITS = {
-    ("seqmap", "gather"): lambda ctx: seqmap(ctx, "gather"),
-    ("seqmap", "reduce_scatter"): lambda ctx: seqmap(ctx, "reduce_scatter"),
-    ("seqmap", "scatter"): lambda ctx: seqmap(ctx, "scatter"),
-    ("sp", "forward"): sp_forward, ("sp", "backward"): sp_backward,
-    ("sp", "float64"): sp_float64,
-    ("emb", "shards"): emb_shards, ("emb", "forward"): emb_forward,
-    ("emb", "backward"): emb_backward, ("emb", "float64"): emb_float64,
-    ("emb", "errors"): emb_errors,
-    ("ce", "forward"): ce_forward, ("ce", "backward"): ce_backward,
-    ("ce", "stable"): ce_stable, ("ce", "float64"): ce_float64,
-}
+UNITS = plan_sequence.handlers(globals())
