@@ -27,6 +27,7 @@ How it works, and why:
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import io
 import multiprocessing as mp
 import os
@@ -237,6 +238,8 @@ def _capture_output():
     """Send this rank's prints to a buffer and its stderr (Python and C++) to a file."""
     err_file = tempfile.TemporaryFile(mode="w+")
     os.dup2(err_file.fileno(), 2)
+    if faulthandler.is_enabled():  # the caller's (pytest's) holds its own copy of the old stderr
+        faulthandler.enable(file=err_file)  # a crashing rank's dump joins what the rank said
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # C-level stdout: nothing of value, keep it off the caller's
     os.close(devnull)
