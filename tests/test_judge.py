@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import struct
 
@@ -159,6 +160,22 @@ def test_a_loop_is_interrupted_and_the_process_goes_on(student):
     assert _run(student, "x = 1") is None
     with student.cell_limit("test"):
         assert student.lookup("x") == ("value", 1)
+
+
+def test_a_grader_that_ignores_sigint_still_interrupts_a_loop(tmp_path):
+    # A grader started as a background job of a script ignores SIGINT, and its children
+    # inherit that; the interrupt must still reach the student's loop.
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        deaf_parent = session.start(str(tmp_path), Judge(timeout=3, interrupt_grace=2))
+    finally:
+        signal.signal(signal.SIGINT, old)
+    try:
+        with pytest.raises(CellTimeout):
+            _run(deaf_parent, "while True:\n    pass\n", "loop")
+        assert _run(deaf_parent, "x = 1") is None
+    finally:
+        deaf_parent.close()
 
 
 def test_code_that_ignores_the_interrupt_is_killed_and_later_requests_say_why(student):

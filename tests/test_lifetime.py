@@ -54,10 +54,9 @@ def test_a_child_whose_starter_died_before_the_exec_never_runs():
     starter = _run("""
         import os, time
         from tpsandbox.lifetime import tied_child
-        preexec = tied_child()
+        preexec, starter = tied_child(), os.getpid()
         if os.fork() == 0:
-            me = os.getppid()
-            while os.getppid() == me:
+            while os.getppid() == starter:
                 time.sleep(0.01)
             preexec()
             print("ran on", flush=True)

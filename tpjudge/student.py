@@ -21,6 +21,7 @@ import _thread
 import builtins
 import importlib
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -251,6 +252,9 @@ def main(argv=None) -> None:
     channel = wire.Channel(socket.socket(fileno=fd))
     control = socket.socket(fileno=control_fd)
     runner = Runner(channel, Output())
+    # Interrupts arrive as SIGINT, which does nothing while it is ignored, and a grader started
+    # as a script's background job ignores it and passes that on: take Python's own handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import tpsim
     for name in tpsim.COLLECTIVES:                 # before any cell does `from tpsim import`
         setattr(tpsim, name, runner.collective(name))
