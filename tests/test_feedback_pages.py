@@ -5,6 +5,10 @@ whole catalogue: test_course_cycle.py."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from traitlets.config import Config
@@ -33,6 +37,34 @@ def test_the_course_config_serialises_and_nbgrader_can_import_every_entry():
         for entry in entries:
             import_item(entry)
     import_item(c.GenerateFeedback.exporter_class)
+
+
+_FORMGRADER_PANEL = """
+import json
+from jupyter_server.serverapp import ServerApp
+from nbgrader.server_extensions.formgrader.formgrader import FormgradeExtension
+server = ServerApp.instance()
+server.initialize(argv=["--allow-root", "--port=0", "--ServerApp.open_browser=False"])
+formgrader = FormgradeExtension(parent=server)
+formgrader.initialize([])       # what the formgrader does on a page load: reads nbgrader_config.py
+print(json.dumps(formgrader.config))
+"""
+
+
+def test_the_formgrader_config_serialises_inside_a_jupyter_server(tmp_path):
+    # What the formgrader's configuration panel shows: the server's config (jupyter_server
+    # leaves a LazyConfigValue in it) merged with the course's nbgrader_config.py.
+    course = tmp_path / "course"
+    course.mkdir()
+    shutil.copy(REPO / "nbgrader_config.py", course)
+    env = {**os.environ, "HOME": str(tmp_path), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", _FORMGRADER_PANEL], cwd=course, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = json.loads(run.stdout.strip().splitlines()[-1])
+    assert config["ServerApp"]["jpserver_extensions"]["nbgrader.server_extensions.formgrader"]
+    assert config["Autograde"]["autograde_preprocessors"]
 
 
 def test_configure_puts_the_course_in_nbgrader_pipelines_once():

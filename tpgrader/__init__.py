@@ -11,6 +11,7 @@ writes the course's feedback page:
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 __all__ = ["configure", "load_config"]
@@ -52,6 +53,18 @@ def configure(c) -> None:
     paths = [str(p) for p in c.HTMLExporter.get("extra_template_paths") or []]
     c.HTMLExporter.extra_template_paths = paths + [p for p in [str(PAGES / "style")]
                                                    if p not in paths]
+    _server_extensions_as_data(c)
+
+
+def _server_extensions_as_data(c) -> None:
+    """In a Jupyter server (the formgrader loads this config there), state the server's
+    extensions as a plain dict. jupyter_server keeps them in its config as a traitlets
+    LazyConfigValue, which json cannot write, so the formgrader's configuration panel fell back
+    to a repr and logged "Formgrader config is not serializable" on every page load. The
+    formgrader merges this into its own copy of the config; the server's stays as it was."""
+    serverapp = sys.modules.get("jupyter_server.serverapp")
+    if serverapp is not None and serverapp.ServerApp.initialized():
+        c.ServerApp.jpserver_extensions = dict(serverapp.ServerApp.instance().jpserver_extensions)
 
 
 def import_string(item) -> str:
