@@ -15,8 +15,8 @@ from tpgrade import _sequence_dense as S
 from tpgrade import tensors as V
 
 from . import data_sequence as D
-from . import plan_sequence
 from . import judge as J
+from . import plan_sequence
 from . import records
 
 _MAPPING_NAMES = {"gather": "gather_from_sequence_parallel_region",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import data_sequence as D
-from . import plan_sequence
 from . import observe as O
+from . import plan_sequence
 from .collective_trace import CollectiveTrace
 from .records import encode_param, encode_tensor
 
