@@ -273,7 +273,8 @@ def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanu
           preexec=None) -> Student:
     """Start a student's process working in `workdir` (its sandbox: `wrap(argv) -> argv`, or
     none; `preexec`: Popen's preexec_fn), and wait until it is ready. Raises StudentGone when
-    it cannot start: that is the grader's problem (no student code has run yet), with the process's own words."""
+    it cannot start: that is the grader's problem (no student code has run yet), with the
+    process's own words."""
     judge_end, student_end = socket.socketpair()
     control, control_end = socket.socketpair()
     argv = [sys.executable, "-m", "tpjudge.student", str(student_end.fileno()),
