@@ -178,6 +178,16 @@ def test_a_grader_that_ignores_sigint_still_interrupts_a_loop(tmp_path):
         deaf_parent.close()
 
 
+def test_an_interrupt_that_arrives_after_its_cell_never_reaches_the_next(student):
+    # What a loaded grader runs into: the limit passes just as a cell finishes, so the
+    # interrupt reaches the process after the cell's answer; the next cell must not get it.
+    assert _run(student, "x = 0") is None
+    student._interrupt()
+    assert _run(student, "import time\ntime.sleep(0.5)\nx = 1", "next") is None
+    with student.cell_limit("test"):
+        assert student.lookup("x") == ("value", 1)
+
+
 def test_code_that_ignores_the_interrupt_is_killed_and_later_requests_say_why(student):
     with pytest.raises(StudentGone, match="did not stop"):
         _run(student, "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"

@@ -54,6 +54,7 @@ class Student:
         self.timeout = settings.timeout
         self.deadline = time.monotonic() + settings.startup_timeout
         self.cell, self.interrupted, self.consecutive_timeouts = "start-up", False, 0
+        self.interrupts = self.settled = 0    # interrupts sent; of those, known to be taken
         self.gone: str | None = None
         self.out, self.err = [], []
         channel.opaque = _remote_ref
@@ -63,7 +64,10 @@ class Student:
     @contextlib.contextmanager
     def cell_limit(self, name: str):
         """Everything inside counts against one cell's time limit, as in a kernel."""
-        self.cell, self.interrupted = name, False
+        self.cell = name
+        if self.interrupts > self.settled and self.gone is None:
+            self._settle()
+        self.interrupted = False
         self.deadline = time.monotonic() + self.timeout
         try:
             yield
@@ -74,6 +78,21 @@ class Student:
                           f"{self.timeout} s limit (the last: {name})")
             raise
         self.consecutive_timeouts = 0
+
+    def _settle(self) -> None:
+        """Wait until the student's process has taken every interrupt sent to it. One sent just
+        as a cell finished reaches the process later, and would raise its KeyboardInterrupt in
+        whatever cell runs next (a loaded machine makes that likely)."""
+        self.interrupted = True          # no second interrupt: past the grace, a kill
+        self.deadline = time.monotonic() + self.settings.interrupt_grace
+        try:
+            self.channel.send({"op": "settle", "interrupts": self.interrupts})
+        except OSError:
+            self._lost("its connection closed")
+        reply = self._receive()
+        if not (isinstance(reply, dict) and reply.get("op") == "settled"):
+            self._lost("it did not answer as the judge's student process does")
+        self.settled = self.interrupts
 
     def run_cell(self, name: str, code: str):
         """Run a given or solution cell; returns its error (described) or None."""
@@ -207,7 +226,8 @@ class Student:
         try:
             self.control.send(b"i")
         except OSError:
-            pass
+            return
+        self.interrupts += 1
 
     def _lost(self, why: str):
         status = self._exit_status()

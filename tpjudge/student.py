@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _thread
 import builtins
+import contextlib
 import importlib
 import os
 import signal
@@ -26,6 +27,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import types
 
@@ -100,8 +102,8 @@ def rebuild(desc: dict) -> BaseException:
 
 
 class Runner:
-    def __init__(self, channel: wire.Channel, output: Output):
-        self.channel, self.output = channel, output
+    def __init__(self, channel: wire.Channel, output: Output, interrupts: Interrupts):
+        self.channel, self.output, self.interrupts = channel, output, interrupts
         self.module = types.ModuleType("__main__")
         self.module.__dict__["__builtins__"] = builtins
         sys.modules["__main__"] = self.module        # pickling by reference, `__name__` checks
@@ -113,7 +115,7 @@ class Runner:
         while True:
             try:
                 request = self.channel.receive()
-            except KeyboardInterrupt:  # an interrupt that came just after the code finished
+            except KeyboardInterrupt:  # a SIGINT from elsewhere (the judge's hit only code)
                 continue
             except EOFError:
                 return
@@ -126,7 +128,8 @@ class Runner:
             op = request.get("op")
             if op == "exec":
                 code = compile(request["code"], f"<{request['name']}>", "exec")
-                exec(code, self.module.__dict__)  # noqa: S102 - the student's cell, sandboxed
+                with self.interrupts.armed():
+                    exec(code, self.module.__dict__)  # noqa: S102 - the student's cell, sandboxed
                 return {"op": "done"}
             if op == "lookup":
                 return self._lookup(request["name"])
@@ -135,7 +138,10 @@ class Runner:
                     self.harness.preload(name)
                 return {"op": "done"}
             if op == "call":
-                return self._call(request)
+                with self.interrupts.armed():
+                    return self._call(request)
+            if op == "settle":
+                return self.interrupts.settle(int(request.get("interrupts") or 0))
             return {"op": "raised", "error": describe(ValueError(f"unknown request {op!r}"))}
         except BaseException as exc:  # noqa: BLE001 - whatever the student's code raised
             return {"op": "raised", "error": describe(exc)}
@@ -235,30 +241,65 @@ def _tensor(obj, encoder):
     return encoder.array("T", values) if values.dtype.str in wire.DTYPES else ["x", "Tensor"]
 
 
-def _watch_interrupts(control: socket.socket) -> None:
-    """A byte on the control socket interrupts the main thread, as SIGINT would."""
-    while True:
+class Interrupts:
+    """The interrupts the judge sends over CONTROL_FD. Each is a KeyboardInterrupt in the main
+    thread (as SIGINT would raise it) while the student's code runs there, and nothing at all
+    between requests, where it would cut a message in two or hit the next cell."""
+
+    def __init__(self, control: socket.socket):
+        self.control, self.lock = control, threading.Lock()
+        self.running = self.received = 0
+
+    def watch(self) -> None:
+        while True:
+            try:
+                data = self.control.recv(1)
+            except OSError:
+                return
+            if not data:
+                return
+            with self.lock:
+                if self.running:
+                    _thread.interrupt_main()
+                self.received += 1
+
+    @contextlib.contextmanager
+    def armed(self):
+        """While the student's code runs (nested, when the judge's callbacks call it again)."""
+        with self.lock:
+            self.running += 1
         try:
-            data = control.recv(1)
-        except OSError:
-            return
-        if not data:
-            return
-        _thread.interrupt_main()
+            yield
+        finally:
+            with self.lock:
+                self.running -= 1
+            try:          # one sent as the code finished is raised here, at the latest
+                for _ in range(100):
+                    pass
+            except KeyboardInterrupt:
+                pass
+
+    def settle(self, sent: int) -> dict:
+        """Answer once every interrupt the judge sent (`sent`) has been received: none is
+        left to reach a later cell."""
+        deadline = time.monotonic() + 10
+        while self.received < sent and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return {"op": "settled"}
 
 
 def main(argv=None) -> None:
     fd, control_fd = (int(a) for a in (argv or sys.argv[1:])[:2])
     channel = wire.Channel(socket.socket(fileno=fd))
     control = socket.socket(fileno=control_fd)
-    runner = Runner(channel, Output())
+    runner = Runner(channel, Output(), Interrupts(control))
     # Interrupts arrive as SIGINT, which does nothing while it is ignored, and a grader started
     # as a script's background job ignores it and passes that on: take Python's own handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import tpsim
     for name in tpsim.COLLECTIVES:                 # before any cell does `from tpsim import`
         setattr(tpsim, name, runner.collective(name))
-    threading.Thread(target=_watch_interrupts, args=(control,), daemon=True).start()
+    threading.Thread(target=runner.interrupts.watch, daemon=True).start()
     runner.send({"op": "ready", "pid": os.getpid()})
     runner.serve()
     os._exit(0)   # no atexit handlers of the student's
