@@ -26,6 +26,7 @@ from tpgrade import tensors as V
 from tpgrade.cases import balanced
 
 from . import data_attention as D
+from . import plan
 from . import records
 from .judge import NOT_CONNECTED, Absent, _counts, _first, float64_verdicts
 
@@ -248,9 +249,4 @@ def overhead_measure(view):
     view.each("overhead.warmup", _checked(lambda r: _warmup(view, r, probe)))
 
 
-JUDGES = {
-    ("attention", "forward"): attention_forward, ("attention", "backward"): attention_backward,
-    ("attention", "float64"): attention_float64,
-    ("layer", "forward"): layer_forward, ("layer", "backward"): layer_backward,
-    ("overhead", "measure"): overhead_measure,
-}
+JUDGES = plan.handlers(globals(), plan.ATTENTION_LAYERS)

@@ -16,7 +16,7 @@ from tpgrade import tensors as V
 
 from . import data_sequence as D
 from . import judge as J
-from . import plan_sequence
+from . import plan, plan_sequence
 from . import records
 
 _MAPPING_NAMES = {"gather": "gather_from_sequence_parallel_region",
@@ -361,4 +361,4 @@ def ce_float64(view):
     _float64(view, "ce", lambda r: loss, lambda r: grad[..., _columns(view, r)], "loss")
 
 
-JUDGES = plan_sequence.handlers(globals())
+JUDGES = plan.handlers(globals(), plan_sequence.LAYERS)

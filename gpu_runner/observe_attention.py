@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 from . import data_attention as D
+from . import plan
 from . import overhead
 from .observe import Ctx, _counted, _shaped, cpu, float64_run, set_param
 from .records import encode_tensor
@@ -125,9 +126,4 @@ def overhead_measure(ctx: Ctx):
         for _ in range(D.PROBE_RUNS)])
 
 
-UNITS = {
-    ("attention", "forward"): attention_forward, ("attention", "backward"): attention_backward,
-    ("attention", "float64"): attention_float64,
-    ("layer", "forward"): layer_forward, ("layer", "backward"): layer_backward,
-    ("overhead", "measure"): overhead_measure,
-}
+UNITS = plan.handlers(globals(), plan.ATTENTION_LAYERS)

@@ -11,7 +11,7 @@ import torch
 
 from . import data_sequence as D
 from . import observe as O
-from . import plan_sequence
+from . import plan, plan_sequence
 from .collective_trace import CollectiveTrace
 from .records import encode_param, encode_tensor
 
@@ -236,4 +236,4 @@ def ce_float64(ctx):
     _float64_run(ctx, torch.nn.Module(), lambda: (loss(), z), case.g)
 
 
-UNITS = plan_sequence.handlers(globals())
+UNITS = plan.handlers(globals(), plan_sequence.LAYERS)

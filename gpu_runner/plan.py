@@ -12,6 +12,7 @@ relaunch, so a layer that faults at size 2 costs no relaunch when it is the last
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from . import plan_sequence
@@ -97,6 +98,7 @@ FAMILY_CELLS: dict[str, str] = {}
 AT_SIZES: dict = {}
 
 # tp_torch_attention: ParallelAttention, ParallelTransformerLayer, the TP overhead measurement
+ATTENTION_LAYERS = ("attention", "layer", "overhead")
 STEPS.update(attention=("forward", "backward", "float64"), layer=("forward", "backward"),
              overhead=("measure",))
 CHECKS.update({
@@ -112,9 +114,18 @@ CHECKS.update({
     ("overhead", "measure"): ("overhead.result", "overhead.agrees", "overhead.barrier",
                               "overhead.warmup"),
 })
-LAYERS += ("attention", "layer", "overhead")
+LAYERS += ATTENTION_LAYERS
 FAMILY_CELLS["overhead"] = "gpu_timing"
 AT_SIZES["overhead"] = lambda sizes: [s for s in sizes if s >= 2][:1]
+
+
+def handlers(namespace: dict, layers) -> dict:
+    """The (layer, step) -> function table of one side for `layers` (observe_*: the rank's,
+    judge_*: the grader's), by name: `<layer>_<step>`, or `<layer>(x, which=step)` where one
+    function serves every step of its layer (seqmap)."""
+    return {(layer, step): namespace.get(f"{layer}_{step}")
+            or functools.partial(namespace[layer], which=step)
+            for layer in layers for step in STEPS[layer]}
 
 
 def make_plan(sizes, timing: bool = True, cells=None) -> list[Unit]:

@@ -6,8 +6,6 @@ collectives, which a layer may rightly skip at size 1.
 """
 from __future__ import annotations
 
-import functools
-
 LAYERS = ("seqmap", "sp", "emb", "ce")
 
 STEPS = {
@@ -62,11 +60,3 @@ def cell_of(check: str) -> str | None:
         return None
     return _CELLS.get(name) or _CELLS[family]
 
-
-def handlers(namespace: dict) -> dict:
-    """The (layer, step) -> function table of one side (observe_sequence: the rank's,
-    judge_sequence: the grader's), by name: `<layer>_<step>`, or `<layer>(x, step)` where one
-    function serves every step of its layer (seqmap)."""
-    return {(layer, step): namespace.get(f"{layer}_{step}")
-            or functools.partial(namespace[layer], which=step)
-            for layer, steps in STEPS.items() for step in steps}
