@@ -11,7 +11,12 @@ class StudentGone(RuntimeError):
 
 
 class CellTimeout(RuntimeError):
-    """The student's code ran past its cell's time limit and was interrupted."""
+    """The student's code ran past its cell's time limit and was interrupted; `expired` (a
+    tpsandbox.cputime.Expired) says which limit."""
+
+    def __init__(self, message: str = "", expired=None):
+        super().__init__(message)
+        self.expired = expired
 
 
 _HARNESS_ERRORS = {("tpgrade.torch_ranks", "RankError")}

@@ -48,25 +48,66 @@ def harness_modules(nb) -> list[str]:
     return sorted(names | {"tpgrade.torch_ranks", "tpgrade._torch_trusted"})
 
 
-def judge(nb, start_student) -> dict[int, list]:
-    """{index of each test cell: its outputs}. `start_student()` -> a started Student."""
-    if not any(is_test(c) for c in nb.cells):
+def judge(nb, start_student, rerun: bool = True) -> dict[int, list]:
+    """{index of each test cell: its outputs}. `start_student()` -> a started Student.
+
+    A test cell that timed out on the clock alone (the wall-clock backstop, or computing
+    nothing), or that was never judged because the student's process had been killed after
+    timeouts, is judged once more (`rerun`), after the others, in a fresh process that runs
+    the program cells again: a busy moment of the grader passes, and code after a loop gets
+    its chance. A cell past its CPU-time limit is not rerun (CPU time does not depend on how
+    busy the machine is: it would use its limit again), nor anything once the notebook's
+    grading budget is used up."""
+    tests = {i for i, c in enumerate(nb.cells) if is_test(c)}
+    if not tests:
         return {}
+    verdicts, again, ended = _walk(nb, start_student, tests)
+    if rerun and again and ended != "budget":
+        second, _, _ = _walk(nb, start_student, set(again))
+        for index, outputs in second.items():
+            note = (f"[the grader judged this test again, in a fresh process: the first time, "
+                    f"{again[index]}]\n")
+            verdicts[index] = [new_output("stream", name="stdout", text=note), *outputs]
+    return verdicts
+
+
+def _walk(nb, start_student, tests):
+    """One pass over the notebook: the program cells in order and the test cells in `tests`.
+    -> ({index: outputs}, {index: why to judge it again}, how the student's process ended:
+    "timeouts", "budget" or None)."""
     student = start_student()
-    verdicts = {}
+    verdicts, again = {}, {}
     try:
         modules = harness_modules(nb)
         if modules:
             with student.cell_limit("start-up"):
                 student.preload(modules)
         for index, cell in enumerate(nb.cells):
-            if is_test(cell):
-                verdicts[index] = run_test(student, cell.source, grade_id(cell) or f"cell-{index}")
+            if index in tests:
+                lost = student.gone if student.gone_kind == "timeouts" else None
+                verdicts[index], error = _judged(student, cell.source,
+                                                 grade_id(cell) or f"cell-{index}")
+                why = _rerun_reason(error, lost, student)
+                if why:
+                    again[index] = why
             elif cell.cell_type == "code" and (is_given(cell) or is_solution(cell)):
                 _run_program_cell(student, grade_id(cell) or f"cell-{index}", cell.source)
     finally:
         student.close()
-    return verdicts
+    return verdicts, again, student.gone_kind
+
+
+def _rerun_reason(error, lost, student) -> str:
+    """Why a test cell's verdict may say more about the grader's moment than about the
+    student's code ("" when it does not)."""
+    if lost:
+        return f"it was not judged: {lost}"
+    expired = error.expired if isinstance(error, CellTimeout) else (
+        student.expired if isinstance(error, StudentGone) and student.gone_kind == "timeouts"
+        else None)
+    if expired is not None and expired.kind in ("wall", "stall"):
+        return f"the student's code {expired.text}"
+    return ""
 
 
 def _run_program_cell(student, name, source) -> None:
@@ -78,6 +119,11 @@ def _run_program_cell(student, name, source) -> None:
 
 def run_test(student, source, name) -> list:
     """One test cell's outputs: the student's output during it, and the verdict's error."""
+    return _judged(student, source, name)[0]
+
+
+def _judged(student, source, name):
+    """(one test cell's outputs, the exception that decided it or None)."""
     names = _StudentNames(student)
     scope = {"__builtins__": builtins, "__name__": "__main__"}
     error = None
@@ -87,7 +133,7 @@ def run_test(student, source, name) -> list:
         with student.cell_limit(name):
             exec(compile(source, f"<{name}>", "exec"), scope, names)  # noqa: S102 - course code
     except BaseException as exc:  # noqa: BLE001 - every failure is the cell's verdict
-        error = error_output(exc)
+        error = exc
     out, err = student.take_output()
     outputs = []
     if out:
@@ -95,8 +141,8 @@ def run_test(student, source, name) -> list:
     if err:
         outputs.append(new_output("stream", name="stderr", text=err))
     if error is not None:
-        outputs.append(error)
-    return outputs
+        outputs.append(error_output(error))
+    return outputs, error
 
 
 def error_output(exc: BaseException):

@@ -2,25 +2,30 @@
 student's cells there, call the student's functions, and carry out what they ask of the judge.
 
 Nothing the student's process sends is run or unpickled here: its messages are data
-(tpjudge.wire), bounded in size, and every wait on it is bounded in time. A request that runs
-past its cell's limit is interrupted (a KeyboardInterrupt in the student's main thread, as a
-kernel interrupt); if the process does not answer within the grace period, or two cells in a
-row run past the limit, it is killed, and every later request fails with the reason.
+(tpjudge.wire), bounded in size, and every wait on it is bounded in time. A cell's limit is
+counted in the CPU time of the student's process tree (tpsandbox.cputime: a busy grader makes
+a cell take longer, not fail), with a stop for code that computes nothing while the judge waits
+for it and a wall-clock backstop. A request that runs past its cell's limit is interrupted (a
+KeyboardInterrupt in the student's main thread, as a kernel interrupt); if the process does not
+answer within the grace period, or two cells in a row run past their limits, it is killed, and
+every later request fails with the reason. So it is when the notebook's grading budget (shared
+with its kernel) is used up.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 import tpsim
+from tpsandbox import TimeLimits, cputime
 
 from . import wire
 from .errors import CellTimeout, StudentGone, rebuild
@@ -48,17 +53,36 @@ class StudentObject:
 class Student:
     """One student's program, running in a sandboxed process of its own."""
 
-    def __init__(self, proc, channel, control, settings, scratch=None):
+    def __init__(self, proc, channel, control, settings, scratch=None, limits=None, budget=None):
         self.proc, self.channel, self.control = proc, channel, control
         self.settings, self.scratch = settings, scratch
         self.timeout = settings.timeout
-        self.deadline = time.monotonic() + settings.startup_timeout
+        self.limits, self.budget = limits or TimeLimits(), budget
+        self.meter = cputime.Meter(proc.pid)        # the CPU time of its whole process tree
+        if budget is not None:
+            budget.add(self.meter)
+        self.clock = self._limit(settings.startup_timeout)
         self.cell, self.interrupted, self.consecutive_timeouts = "start-up", False, 0
+        self.expired: cputime.Expired | None = None   # why the running cell was interrupted
         self.interrupts = self.settled = 0    # interrupts sent; of those, known to be taken
         self.gone: str | None = None
+        self.gone_kind: str | None = None     # "timeouts", "budget", or None (any other end)
         self.out, self.err = [], []
         channel.opaque = _remote_ref
         self._callbacks: list = []
+
+    def _limit(self, cpu_seconds, stall=None) -> cputime.Limit:
+        return cputime.Limit(self.meter, cpu_seconds, wall_factor=self.limits.wall_factor,
+                             stall=self.limits.stall_seconds if stall is None else stall,
+                             budget=self.budget)
+
+    def _grace(self) -> cputime.Limit:
+        """After an interrupt: the code must answer before it has used the grace period's CPU
+        time, or computed nothing for as long (stuck), or a wall_factor of it has passed."""
+        grace = self.settings.interrupt_grace
+        limit = self._limit(grace, stall=grace)
+        limit.waiting()
+        return limit
 
     # -- cells ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -67,15 +91,16 @@ class Student:
         self.cell = name
         if self.interrupts > self.settled and self.gone is None:
             self._settle()
-        self.interrupted = False
-        self.deadline = time.monotonic() + self.timeout
+        self.interrupted, self.expired = False, None
+        self.clock = self._limit(self.timeout)
         try:
             yield
-        except CellTimeout:
+        except CellTimeout as exc:
             self.consecutive_timeouts += 1
             if self.consecutive_timeouts >= 2 and self.gone is None:
-                self.kill(f"it stopped responding: two cells in a row ran past the "
-                          f"{self.timeout} s limit (the last: {name})")
+                self.kill(f"it stopped responding: two cells in a row ran past their time "
+                          f"limits (the last, {name}: {exc.expired.text if exc.expired else ''})",
+                          kind="timeouts")
             raise
         self.consecutive_timeouts = 0
 
@@ -84,7 +109,7 @@ class Student:
         as a cell finished reaches the process later, and would raise its KeyboardInterrupt in
         whatever cell runs next (a loaded machine makes that likely)."""
         self.interrupted = True          # no second interrupt: past the grace, a kill
-        self.deadline = time.monotonic() + self.settings.interrupt_grace
+        self.clock = self._grace()
         try:
             self.channel.send({"op": "settle", "interrupts": self.interrupts})
         except OSError:
@@ -161,8 +186,10 @@ class Student:
             op = reply.get("op") if isinstance(reply, dict) else None
             if op in _TERMINAL:
                 if self.interrupted:
-                    raise CellTimeout(f"the student's code ran past the {self.timeout} s limit "
-                                      f"of this cell and was interrupted")
+                    why = self.expired.text if self.expired else "ran past its limit"
+                    raise CellTimeout(f"the student's code {why} in this cell and was "
+                                      f"interrupted (each cell may use {self.timeout} s of CPU "
+                                      "time)", self.expired)
                 return reply
             if op in ("service", "callback"):
                 self._answer(reply)
@@ -170,24 +197,43 @@ class Student:
                 self._lost(f"it sent something that is not a message ({op!r})")
 
     def _receive(self):
+        """The next message, while the student's code works: checked against the running
+        limit (self.clock) whenever no message has come for one of its intervals."""
+        self.clock.waiting()
         while True:
-            left = self.deadline - time.monotonic()
-            try:
-                reply = self.channel.receive(timeout=max(left, 0.001))
-            except TimeoutError:
-                if not self.interrupted:
-                    self.interrupted = True
-                    self._interrupt()
-                    self.deadline = time.monotonic() + self.settings.interrupt_grace
-                    continue
-                self.kill(f"it did not stop within {self.settings.interrupt_grace:g} s of an "
-                          f"interrupt after the {self.timeout} s limit of {self.cell}")
-                raise StudentGone(self.gone) from None
-            except (EOFError, wire.ProtocolError) as exc:
-                self._lost(str(exc) if isinstance(exc, wire.ProtocolError) else "")
-            if isinstance(reply, dict):
-                self._collect_output(reply)
-            return reply
+            if self._readable(self.clock.interval()):
+                try:     # a message under way arrives whole, within the clock's backstop
+                    reply = self.channel.receive(timeout=max(self.clock.wall_left(), 1.0))
+                except TimeoutError:
+                    self.kill(f"it began a message and did not finish it in {self.cell}")
+                    raise StudentGone(self.gone) from None
+                except (EOFError, wire.ProtocolError) as exc:
+                    self._lost(str(exc) if isinstance(exc, wire.ProtocolError) else "")
+                if isinstance(reply, dict):
+                    self._collect_output(reply)
+                return reply
+            why = self.clock.check()
+            if why is None:
+                continue
+            if why.kind == "budget":
+                self.kill(f"the student's code {why.text} (in {self.cell}): nothing more of "
+                          "this notebook is run", kind="budget")
+                raise StudentGone(self.gone)
+            if not self.interrupted:
+                self.interrupted, self.expired = True, why
+                self._interrupt()
+                self.clock = self._grace()
+                continue
+            after = f" after it {self.expired.text}" if self.expired else ""
+            self.kill(f"it did not stop within {self.settings.interrupt_grace:g} s of an "
+                      f"interrupt{after} in {self.cell}", kind="timeouts")
+            raise StudentGone(self.gone) from None
+
+    def _readable(self, seconds: float) -> bool:
+        try:
+            return bool(select.select([self.channel.sock], [], [], seconds)[0])
+        except (OSError, ValueError):     # closed: receive() says how
+            return True
 
     def _answer(self, request) -> None:
         """A collective or a callback the student's code asked for, carried out here."""
@@ -245,9 +291,9 @@ class Student:
                 signal.valid_signals() else f"signal {-code}"
         return f"exit status {code}" if code else "exited"
 
-    def kill(self, why: str) -> None:
+    def kill(self, why: str, kind: str | None = None) -> None:
         if self.gone is None:
-            self.gone = why
+            self.gone, self.gone_kind = why, kind
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)   # bwrap, or the unsandboxed process group
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -290,11 +336,12 @@ def _copy_back(sent, returned, depth=0) -> None:
 
 
 def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanup=None,
-          preexec=None) -> Student:
+          preexec=None, limits=None, budget=None) -> Student:
     """Start a student's process working in `workdir` (its sandbox: `wrap(argv) -> argv`, or
-    none; `preexec`: Popen's preexec_fn), and wait until it is ready. Raises StudentGone when
-    it cannot start: that is the grader's problem (no student code has run yet), with the
-    process's own words."""
+    none; `preexec`: Popen's preexec_fn), and wait until it is ready. `limits`: the
+    TimeLimits (c.TimeLimits.*); `budget`: the notebook's cputime.Budget, shared with its
+    kernel. Raises StudentGone when it cannot start: that is the grader's problem (no student
+    code has run yet), with the process's own words."""
     judge_end, student_end = socket.socketpair()
     control, control_end = socket.socketpair()
     argv = [sys.executable, "-m", "tpjudge.student", str(student_end.fileno()),
@@ -310,7 +357,7 @@ def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanu
         student_end.close()
         control_end.close()
     channel = wire.Channel(judge_end, max_bytes=settings.max_message_mb << 20)
-    student = Student(proc, channel, control, settings, cleanup)
+    student = Student(proc, channel, control, settings, cleanup, limits, budget)
     try:
         student.wait_ready()
     except StudentGone as exc:

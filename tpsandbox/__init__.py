@@ -10,10 +10,10 @@ nbgrader_config.py as `c.Sandbox.<name>` (tpsandbox/settings.py).
 from __future__ import annotations
 
 from .check import SandboxUnavailable, problem, require
-from .settings import UID_ENV, Sandbox
+from .settings import UID_ENV, Sandbox, TimeLimits
 
-__all__ = ["Sandbox", "SandboxUnavailable", "UID_ENV", "for_torchrun", "problem", "require",
-           "wrap"]
+__all__ = ["Sandbox", "SandboxUnavailable", "TimeLimits", "UID_ENV", "for_torchrun", "problem",
+           "require", "wrap"]
 
 
 def wrap(argv: list[str], *, workdir: str, scratch: str | None = None, gpu: bool = False,

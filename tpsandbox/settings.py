@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 
-from traitlets import Bool, Dict, Integer, List, Unicode
+from traitlets import Bool, Dict, Float, Integer, List, Unicode
 from traitlets.config import Configurable
+
+from . import cputime
 
 # Environment a grading worker sets so that parallel kernels run under distinct uids (per-uid
 # process limits then stay independent between workers).
@@ -72,3 +74,28 @@ class Sandbox(Configurable):
 
     def effective_uid(self) -> int:
         return int(os.environ.get(UID_ENV, self.uid))
+
+
+class TimeLimits(Configurable):
+    """How long student code may run while it is graded, in the CPU time it uses
+    (tpsandbox.cputime): a busy grading machine makes a correct student's code take longer on
+    the clock, never cost it a point. The per-cell limit itself is c.Execute.timeout (the
+    kernel) and c.Judge.timeout (the judge's student process), in seconds of CPU time."""
+
+    wall_factor = Float(cputime.WALL_FACTOR, help=(
+        "Every CPU-time limit has a wall-clock backstop this many times longer, for code that "
+        "computes a little and waits a little, forever. A correct cell uses a fraction of its "
+        "limit, so it stays clear of the backstop even with several busy processes per core."
+    )).tag(config=True)
+    stall_seconds = Float(cputime.STALL_SECONDS, help=(
+        "Student code that computes nothing (under 0.5% of a core) for this long while the "
+        "grader waits for it is waiting for something that never comes (a deadlock, a sleep): "
+        "it is interrupted as if past its limit. A runnable process on a loaded machine still "
+        "computes every fraction of a second. 0: only the wall-clock backstop stops it."
+    )).tag(config=True)
+    notebook_cpu_seconds = Integer(900, help=(
+        "CPU time all the student code of one notebook may use while it is graded: the kernel, "
+        "the judge's student processes (a rerun included) and the ranks they fork, with a "
+        "wall-clock backstop wall_factor times longer. Past it nothing more of that notebook "
+        "runs: its remaining tests score 0 and say so, the gradebook comment says the "
+        "notebook timed out, and the next student is graded. 0: no budget.")).tag(config=True)

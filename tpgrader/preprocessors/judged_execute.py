@@ -9,6 +9,11 @@ a fresh sandboxed process of their own, and writes each test cell's outputs: wha
 student's code printed during it and the verdict. nbgrader's SaveAutoGrades
 scores those outputs as usual (an error or stderr output: no points).
 
+The kernel and the judge share the notebook's grading budget (c.TimeLimits.notebook_cpu_seconds,
+tpsandbox.cputime.Budget): once their student code has used it, nothing more of the notebook
+runs, the tests not yet judged fail saying so, and the notebook is marked timed out
+(nb.metadata["tpgrader"]["timed_out"]: the gradebook comment, tpgrader.preprocessors.flags).
+
 `c.Judge.enabled = False` runs the test cells in the kernel instead (for comparisons only: code
 in a solution cell can then reach the checks).
 """
@@ -20,12 +25,13 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from tpjudge import notebook, session
 from tpjudge.cells import is_self_check, is_test
 from tpjudge.errors import StudentGone
 from tpjudge.settings import Judge
-from tpsandbox import wrap
+from tpsandbox import cputime, wrap
 from tpsandbox.kernel import course_paths
 from tpsandbox.lifetime import tied_child
 from tpsandbox.scratch import new_scratch, remove_tree, working_copy
@@ -41,7 +47,9 @@ class JudgeUnavailable(RuntimeError):
 
 
 _tried: set = set()   # (sandboxed, uid) combinations whose trial process started
-_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+_POOL = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")]
+# How long the kernel's end waits for the judge beyond the budget's own backstop, seconds.
+_JUDGE_MARGIN = 60
 
 
 class JudgedExecute(SandboxedExecute):
@@ -56,22 +64,27 @@ class JudgedExecute(SandboxedExecute):
         held = {i: (cell.source, SELF_CHECK_PLACEHOLDER) for i, cell in enumerate(nb.cells)
                 if is_self_check(cell)}
         judging = None
+        budget = self.new_budget()
         if self.judge.enabled:
             held.update({i: (cell.source, PLACEHOLDER) for i, cell in enumerate(nb.cells)
                          if is_test(cell)})
             workdir = (resources or {}).get("metadata", {}).get("path") or os.getcwd()
             # The judge needs nothing from the kernel: it runs alongside it, on its own copy.
-            judging = _POOL.submit(self._judge, copy.deepcopy(nb), workdir)
+            judging = _POOL[0].submit(self._judge, copy.deepcopy(nb), workdir, budget)
         for i, (_, placeholder) in held.items():
             nb.cells[i].source = placeholder
         start = time.perf_counter()
         try:
-            nb, resources = super().preprocess(nb, resources, km)
+            nb, resources = super().preprocess(nb, resources, km, budget=budget)
         finally:
             for i, (source, _) in held.items():
                 nb.cells[i].source = source
             kernel = time.perf_counter() - start
-            verdicts, judged = judging.result() if judging else ({}, 0.0)
+            verdicts, judged = self._verdicts(nb, judging, budget) if judging else ({}, 0.0)
+        if budget.spent is not None:
+            nb.metadata.setdefault("tpgrader", {})["timed_out"] = budget.spent.text
+            self.log.warning("%s: the notebook's student code %s", _who(resources),
+                             budget.spent.text)
         if judging is None:
             return nb, resources
         for i, outputs in verdicts.items():
@@ -80,19 +93,40 @@ class JudgedExecute(SandboxedExecute):
                       len(verdicts))
         return nb, resources
 
-    def _judge(self, nb, workdir):
+    def _judge(self, nb, workdir, budget):
         start = time.perf_counter()
-        verdicts = notebook.judge(nb, lambda: self._start(workdir))
+        self._students = []
+        verdicts = notebook.judge(nb, lambda: self._start(workdir, budget),
+                                  rerun=self.judge.rerun_timeouts)
         return verdicts, time.perf_counter() - start
+
+    def _verdicts(self, nb, judging, budget):
+        """The judge's verdicts, waiting no longer than the budget's backstop allows. A judge
+        that overruns it (stuck in the grader's own process) costs this notebook's tests,
+        never the next notebook: its students are killed, a fresh thread judges the next."""
+        wait = max(budget.wall_left(), 0) + _JUDGE_MARGIN if budget.cpu_seconds else None
+        try:
+            return judging.result(timeout=wait)
+        except FutureTimeout:
+            for student in list(getattr(self, "_students", [])):
+                student.kill("the judge overran the notebook's grading budget")
+            _POOL[0] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+            budget.spent = budget.spent or cputime.Expired(
+                "budget", f"was not judged within the notebook's grading budget of "
+                f"{budget.wall_seconds:g} s on the clock")
+            why = f"not judged: the grading of this notebook {budget.spent.text}"
+            return ({i: [notebook.error_output(StudentGone(why))]
+                     for i, cell in enumerate(nb.cells) if is_test(cell)}, float(wait))
 
     def _settings(self) -> Judge:
         settings = Judge(parent=self)
         settings.timeout = self.judge.timeout or int(self.timeout or 30)
         return settings
 
-    def _start(self, workdir: str) -> session.Student:
+    def _start(self, workdir: str, budget=None) -> session.Student:
         """The student's process, in the sandbox (when it is on), working in a scratch copy
-        of the notebook's folder bound at the folder's own path."""
+        of the notebook's folder bound at the folder's own path; its CPU time counts against
+        the notebook's `budget`."""
         base, lock = new_scratch(None, self.log)
         held = [lock]
 
@@ -105,8 +139,12 @@ class JudgedExecute(SandboxedExecute):
                                     hidden=course_paths(self.config), config=self.config) \
             if self.sandbox.enabled else None
         try:
-            return session.start(workdir, self._settings(), wrap=confine, scratch=scratch,
-                                 cleanup=cleanup, preexec=tied_child() if confine else None)
+            student = session.start(workdir, self._settings(), wrap=confine, scratch=scratch,
+                                    cleanup=cleanup, preexec=tied_child() if confine else None,
+                                    limits=self.limits, budget=budget)
+            if budget is not None:
+                self._students.append(student)
+            return student
         except BaseException:
             cleanup()
             raise
@@ -124,3 +162,8 @@ class JudgedExecute(SandboxedExecute):
             except StudentGone as exc:
                 raise JudgeUnavailable(f"the judge cannot grade here: {exc}") from None
         _tried.add(key)
+
+
+def _who(resources) -> str:
+    info = (resources or {}).get("nbgrader", {})
+    return f"{info.get('student', '?')}/{info.get('assignment', '?')}/{info.get('notebook', '?')}"
