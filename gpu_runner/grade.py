@@ -64,11 +64,13 @@ def parse_args(argv=None):
                     help="override the course's c.GpuRunner.world_sizes (experiments only: "
                          "grades then differ from the course's), e.g. 1,2")
     ap.add_argument("--timeout", type=float, default=900.0,
-                    help="wall-clock limit of one torchrun launch, seconds")
+                    help="CPU time one torchrun launch's processes may use together, seconds "
+                         "(with a wall-clock backstop c.TimeLimits.wall_factor times longer)")
     ap.add_argument("--pg-timeout", type=float, default=60.0,
                     help="process-group timeout: a collective waiting longer fails (deadlock)")
     ap.add_argument("--step-timeout", type=float, default=0.0,
-                    help="a test running longer is killed (loop); default 2 x --pg-timeout")
+                    help="a test using more CPU time on a rank is killed (loop); default 2 x "
+                         "--pg-timeout")
     ap.add_argument("--max-launches", type=int, default=4,
                     help="launches per submission, the first plus relaunches after faults")
     ap.add_argument("--shard", default=None, help="I/N: grade every N-th student from the I-th")
@@ -148,6 +150,13 @@ def confinement(root: Path, reports: Path, db_url: str, backend: str):
     return for_torchrun(str(root), gpu=gpu, readonly=readonly, hidden=hidden, config=config)
 
 
+def wall_factor(root: Path) -> float:
+    """c.TimeLimits.wall_factor of the course: the wall-clock backstops of units and launches."""
+    from tpgrader import load_config
+    from tpsandbox import TimeLimits
+    return TimeLimits(config=load_config(str(root))).wall_factor
+
+
 def students(root: Path, assignment: str, wanted, shard) -> list[str]:
     names = wanted or sorted(p.parent.name for p in (root / "submitted").glob(f"*/{assignment}")
                              if p.is_dir())
@@ -193,8 +202,8 @@ def set_up(args, root, reports, db_url, src_path, names) -> Config:
     except SandboxRefused as exc:
         raise machine.Refused(str(exc)) from exc
     cfg = Config(sizes=sizes, backend=backend, pg_timeout=args.pg_timeout,
-                 step_timeout=args.step_timeout, wall_timeout=args.timeout,
-                 max_launches=args.max_launches, wrap=wrap)
+                 step_timeout=args.step_timeout, launch_timeout=args.timeout,
+                 wall_factor=wall_factor(root), max_launches=args.max_launches, wrap=wrap)
     print(f"gpu_runner: {len(names)} submission(s) of {args.assignment}, backend {backend}, "
           f"world sizes {','.join(map(str, sizes))}, "
           f"{'sandboxed' if wrap else 'NOT sandboxed'}", flush=True)

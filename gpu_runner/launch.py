@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tpsandbox import cputime
+
 from . import machine, report
 from .judge import judge
 from .plan import Unit, skipped_by_fault
@@ -43,8 +45,10 @@ class Config:
     sizes: tuple = (1, 2, 3, 4)
     backend: str = "gloo"
     pg_timeout: float = 60.0        # a collective waiting longer than this fails (deadlock)
-    step_timeout: float = 0.0       # a unit running longer is killed (loop); 0: 2 * pg_timeout
-    wall_timeout: float = 900.0     # the whole launch
+    # CPU seconds (tpsandbox.cputime), each with a wall-clock backstop wall_factor times longer:
+    step_timeout: float = 0.0       # a unit using more on a rank is killed (loop); 0: 2 * pg
+    launch_timeout: float = 900.0   # the whole launch, its processes together
+    wall_factor: float = cputime.WALL_FACTOR
     max_launches: int = 4
     env: dict = field(default_factory=dict)
     # wrap(torchrun_argv, job_dir, env) -> argv: the confinement (tpsandbox.for_torchrun)
@@ -106,8 +110,14 @@ def _launch_hint(launches):
     if not launches or launches[-1].get("completed"):
         return ""
     last = launches[-1]
-    return (f" (torchrun exit {last['rc']}"
-            f"{', wall-clock limit reached' if last['timed_out'] else ''})")
+    return f" (torchrun exit {last['rc']}{_limit_reached(last)})"
+
+
+def _limit_reached(sup) -> str:
+    """", the launch's time limit reached (it ...)", or "" when it was not."""
+    if not sup.get("timed_out"):
+        return ""
+    return ", the launch's time limit reached" + (f" (it {sup['why']})" if sup.get("why") else "")
 
 
 def grade_module(name, module: Path, folder: Path, plan, cfg, assignment, notebook, cells):
@@ -165,22 +175,23 @@ def _launch(module, out, todo, cfg, index):
                 "--units", ",".join(u.id for u in todo),
                 "--sizes", ",".join(map(str, sorted(cfg.sizes))),
                 "--backend", cfg.backend, "--pg-timeout", str(cfg.pg_timeout),
-                "--step-timeout", str(cfg.unit_timeout), "--launch", str(index)]
+                "--step-timeout", str(cfg.unit_timeout), "--wall-factor", str(cfg.wall_factor),
+                "--launch", str(index)]
     env = {**job_environment(cfg.backend)[0], **cfg.env}
     if cfg.wrap is not None:
         torchrun = cfg.wrap(torchrun, job, {**confined_env(env), **cfg.env})
     # The grader's files sit next to ranks/, out of the job's reach (a confined job could
     # otherwise plant a link where the supervisor writes its result).
     result_file = out / "supervisor.json"
-    cmd = [sys.executable, "-m", "gpu_runner.supervise", "--timeout", str(cfg.wall_timeout),
-           "--result", str(result_file), "--", *torchrun]
+    cmd = [sys.executable, "-m", "gpu_runner.supervise", "--timeout", str(cfg.launch_timeout),
+           "--wall-factor", str(cfg.wall_factor), "--result", str(result_file), "--", *torchrun]
     log = out / "torchrun.log"
     with open(log, "w") as f:
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(job),
-                       timeout=cfg.wall_timeout + 60)
+                       timeout=cfg.launch_timeout * cfg.wall_factor + 60)
     sup = json.loads(result_file.read_text())
-    return {"rc": sup["rc"], "timed_out": sup["timed_out"], "seconds": round(sup["seconds"], 2),
-            "killed": len(sup["killed"]), "log": str(log)}
+    return {"rc": sup["rc"], "timed_out": sup["timed_out"], "why": sup.get("why", ""),
+            "seconds": round(sup["seconds"], 2), "killed": len(sup["killed"]), "log": str(log)}
 
 
 def _read_records(out):
@@ -233,8 +244,7 @@ def _interpret(records, todo, cfg, sup, log, results) -> int:
             env_errors.append(f"setting up the process groups took over {w.get('seconds')}s")
     if env_errors or not records:
         why = env_errors[0] if env_errors else (
-            f"no rank started (torchrun exit {sup['rc']}"
-            f"{', wall-clock limit reached' if sup['timed_out'] else ''})")
+            f"no rank started (torchrun exit {sup['rc']}{_limit_reached(sup)})")
         raise EnvironmentFailure(f"the process groups could not be set up, before any student "
                                  f"code ran: {why}; see {log}")
     if not import_errors and any(w.get("unit") == "import" for w in watchdog.values()):
@@ -279,7 +289,8 @@ def _fault_reason(u, members, got, started, watchdog, sup, log):
                      if got[r].get("fault_kind") == "cuda" else
                      f"collective failed: {_short(str(got[r]['fault']))}")
         elif watchdog.get(r, {}).get("unit") == u.id:
-            story = f"still running after {watchdog[r]['seconds']:.0f}s (infinite loop or hang), killed"
+            late = str(watchdog[r].get("why") or f"ran past {watchdog[r]['seconds']:.0f}s")
+            story = f"still running: it {late} (an infinite loop or a hang), killed"
         elif r in started and r not in got:
             code = exits.get(r)
             if code is not None and code < 0:
@@ -293,7 +304,7 @@ def _fault_reason(u, members, got, started, watchdog, sup, log):
     reasons = [f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} of {u.size}: {story}"
                for story, rs in by_story.items()]
     if sup["timed_out"]:
-        reasons.append("wall-clock limit of the launch reached; every worker was killed")
+        reasons.append(f"{_limit_reached(sup)[2:]}; every worker was killed")
     return "; ".join(reasons) or "the job ended during this test"
 
 

@@ -95,8 +95,8 @@ def cache_key(src_path: Path, root: Path, cfg) -> str:
         for path in sorted(base.glob("*.py")):
             add(path.name, path.read_bytes())
     add(sys.version, sys.executable, _version("torch"), _version("nbgrader"))
-    add(cfg.backend, cfg.sizes, cfg.pg_timeout, cfg.unit_timeout, cfg.wall_timeout,
-        cfg.max_launches, cfg.wrap is not None, sorted(cfg.env.items()))
+    add(cfg.backend, cfg.sizes, cfg.pg_timeout, cfg.unit_timeout, cfg.launch_timeout,
+        cfg.wall_factor, cfg.max_launches, cfg.wrap is not None, sorted(cfg.env.items()))
     add(sorted(confined_env(job_environment(cfg.backend)[0]).items()))
     return h.hexdigest()
 

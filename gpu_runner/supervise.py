@@ -1,6 +1,9 @@
-"""Run one torchrun job under a wall-clock limit and leave no process of it behind.
+"""Run one torchrun job under a time limit and leave no process of it behind.
 
-    python -m gpu_runner.supervise --timeout S --result FILE -- CMD...
+    python -m gpu_runner.supervise --timeout S [--wall-factor F] --result FILE -- CMD...
+
+The limit is S seconds of CPU time of the job's processes together (tpsandbox.cputime: a busy
+machine makes the job take longer, not run out), with a wall-clock backstop F times longer.
 
 torchrun starts every worker in a session of its own (start_new_session), so killing
 torchrun's process group leaves the workers running, and a worker whose torchrun died is
@@ -11,7 +14,7 @@ re-parented away from us. This small process therefore:
 - after the job ends or the limit passes, SIGKILLs every descendant, then every process of
   this user still carrying the tag, and reaps them;
 - dies with its parent (PR_SET_PDEATHSIG), cleaning up on the way (SIGTERM handler).
-It writes {"rc", "timed_out", "seconds", "killed"} to --result. It is a separate process so the
+It writes {"rc", "timed_out", "why", "seconds", "killed"} to --result. It is a separate process so the
 grader (or pytest) that calls it never becomes a subreaper itself.
 """
 from __future__ import annotations
@@ -27,6 +30,8 @@ import time
 import uuid
 
 import psutil
+
+from tpsandbox import cputime
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 TAG = "GPU_RUNNER_JOB"
@@ -79,7 +84,10 @@ def _reap():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--timeout", type=float, required=True, help="wall-clock limit (s)")
+    ap.add_argument("--timeout", type=float, required=True,
+                    help="CPU time the job's processes may use together (s)")
+    ap.add_argument("--wall-factor", type=float, default=cputime.WALL_FACTOR,
+                    help="the wall-clock backstop, in multiples of --timeout")
     ap.add_argument("--result", required=True)
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
@@ -95,16 +103,23 @@ def main(argv=None):
 
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env={**os.environ, TAG: tag})
-    timed_out = False
-    try:
-        rc = proc.wait(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        proc.kill()             # its workers are re-parented to us (subreaper), killed below
-        rc = proc.wait()
+    # our own tree: the job, and its workers re-parented to us if torchrun dies
+    limit = cputime.Limit(cputime.Meter(os.getpid()), args.timeout,
+                          wall_factor=args.wall_factor, stall=0)
+    why = None
+    while True:
+        try:
+            rc = proc.wait(timeout=limit.interval())
+            break
+        except subprocess.TimeoutExpired:
+            why = limit.check()
+        if why is not None:
+            proc.kill()         # its workers are re-parented to us (subreaper), killed below
+            rc = proc.wait()
+            break
     killed = kill_all(tag)      # also after a clean exit: a student may have forked
-    result = {"rc": rc, "timed_out": timed_out, "seconds": time.monotonic() - start,
-              "killed": killed}
+    result = {"rc": rc, "timed_out": why is not None, "why": why.text if why else "",
+              "seconds": time.monotonic() - start, "killed": killed}
     with open(args.result, "w") as f:
         json.dump(result, f)
     return 0

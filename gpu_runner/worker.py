@@ -6,7 +6,7 @@
 Every rank appends JSON lines to DIR/rank<R>.jsonl, flushed as it goes, so whatever happens
 to the job the launcher knows which units finished: "start" and "end" per unit (with what the
 unit observed, gpu_runner.observe: data only, judged in the grader by gpu_runner.judge),
-"watchdog" when a unit ran past --step-timeout (then the rank exits), "abort" when the group
+"watchdog" when a unit ran past --step-timeout of CPU time (then the rank exits), "abort" when the group
 gave up after a collective failed, "env_error" when the process groups could not be set up,
 "bye" on a clean exit.
 
@@ -37,6 +37,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from tpsandbox import cputime
+
 from . import counting, machine, observe, timing
 from .data import seed_of
 from .plan import Unit
@@ -57,31 +59,42 @@ class Recorder:
 
 
 class Watchdog(threading.Thread):
-    """Kills this rank when a unit runs too long (a loop with no collective to time out)."""
+    """Kills this rank when a unit runs too long (a loop with no collective to time out): past
+    `seconds` of this rank's CPU time (its process and what it forks: tpsandbox.cputime, so a
+    busy machine does not make a correct unit late), or `wall_factor` times as long on the
+    clock. The set-up (the environment's, before any student code) is timed on the clock."""
 
-    def __init__(self, seconds, rec):
+    def __init__(self, seconds, rec, wall_factor=cputime.WALL_FACTOR):
         super().__init__(daemon=True)
-        self.seconds, self.rec = seconds, rec
-        self.unit, self.deadline, self.limit = None, None, seconds
+        self.seconds, self.rec, self.wall_factor = seconds, rec, wall_factor
+        self.meter = cputime.Meter(os.getpid())
+        self.unit, self.limit, self.clock = None, seconds, None
         self.lock = threading.Lock()
 
-    def arm(self, unit, seconds=None):
+    def arm(self, unit, seconds=None, on_the_clock=False):
         with self.lock:
             self.limit = seconds or self.seconds
-            self.unit, self.deadline = unit, time.monotonic() + self.limit
+            self.unit = unit
+            self.clock = cputime.Limit(self.meter, self.limit, stall=0,
+                                       wall_factor=1.0 if on_the_clock else self.wall_factor)
 
     def disarm(self):
         with self.lock:
-            self.unit, self.deadline = None, None
+            self.unit, self.clock = None, None
 
     def run(self):
         while True:
-            time.sleep(0.2)
             with self.lock:
-                late = self.deadline is not None and time.monotonic() > self.deadline
-                unit, limit = self.unit, self.limit
+                clock, unit, limit = self.clock, self.unit, self.limit
+            if clock is None:
+                time.sleep(0.2)
+                continue
+            time.sleep(clock.interval())
+            why = clock.check()
+            with self.lock:
+                late = why is not None and clock is self.clock
             if late:
-                self.rec.write(event="watchdog", unit=unit, seconds=limit)
+                self.rec.write(event="watchdog", unit=unit, seconds=limit, why=why.text)
                 os._exit(EXIT_WATCHDOG)
 
 
@@ -101,7 +114,10 @@ def parse_args(argv=None):
     ap.add_argument("--sizes", required=True, help="all world sizes of the plan (groups)")
     ap.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     ap.add_argument("--pg-timeout", type=float, default=60.0)
-    ap.add_argument("--step-timeout", type=float, default=120.0)
+    ap.add_argument("--step-timeout", type=float, default=120.0,
+                    help="CPU seconds a unit may use on one rank (Watchdog)")
+    ap.add_argument("--wall-factor", type=float, default=cputime.WALL_FACTOR,
+                    help="a unit's wall-clock backstop, in multiples of --step-timeout")
     ap.add_argument("--launch", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -115,7 +131,7 @@ def main(argv=None):
     rec.write(event="hello", pid=os.getpid(), uid=os.getuid(), rank=rank, world=world,
               sandboxed=os.environ.get("TPCOURSE_SANDBOXED") == "1")
     units = [Unit.parse(u) for u in args.units.split(",") if u]
-    watchdog = Watchdog(args.step_timeout, rec)
+    watchdog = Watchdog(args.step_timeout, rec, args.wall_factor)
     watchdog.start()
 
     device = torch.device("cpu")
@@ -124,7 +140,7 @@ def main(argv=None):
         device = torch.device("cuda", local_rank)
         counting.use_dispatch(True)
     # the process groups' own timeouts bound their set-up; this only catches a hang beyond them
-    watchdog.arm("setup", max(args.step_timeout, 3 * args.pg_timeout + 60))
+    watchdog.arm("setup", max(args.step_timeout, 3 * args.pg_timeout + 60), on_the_clock=True)
     try:
         groups = set_up_groups(args, rank, world, device, local_rank)
     except BaseException as exc:  # noqa: BLE001 - the environment, not the student

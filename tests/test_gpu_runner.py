@@ -610,8 +610,9 @@ def test_report_comments_list_every_failed_check_and_no_grader_paths(tmp_path):
     assert len(names) == 5 and all(f"- {n} (world sizes 1, 2, 3, 4): " in comment for n in names)
     assert "see the gpu_runner report" not in comment
     assert launch._launch_hint([{"rc": 1, "timed_out": True, "completed": 0,
+                                 "why": "used more than 900 s of CPU time",
                                  "log": "/secret/torchrun.log"}]) == \
-        " (torchrun exit 1, wall-clock limit reached)"
+        " (torchrun exit 1, the launch's time limit reached (it used more than 900 s of CPU time))"
     assert rep["untested"] == machine.untested("gloo") and rep["untested"]
 
 

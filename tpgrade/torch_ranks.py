@@ -20,9 +20,11 @@ How it works, and why:
   and the rank's traceback; the other ranks are killed at once (they may be stuck in a
   collective waiting for the failed one).
 - A rank that has finished waits for the others before leaving the process group, so a
-  collective called on some ranks only (a deadlock) hangs the ranks that called it until
-  the wall-clock `timeout`: then every rank is killed and `TimeoutError` names the ranks
-  that did not finish.
+  collective called on some ranks only (a deadlock) hangs the ranks that called it. `timeout`
+  is counted in the CPU time the ranks use (tpsandbox.cputime: a busy machine makes them take
+  longer, not time out): ranks past it, ranks that compute nothing for min(timeout, 10) s (a
+  deadlock: they all wait), or ranks still running after WALL_FACTOR * timeout on the clock
+  are killed, and `TimeoutError` names the ranks that did not finish and why.
 """
 from __future__ import annotations
 
@@ -36,17 +38,20 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 from multiprocessing.connection import wait
 
+from tpsandbox import cputime
+
 __all__ = ["run_on_ranks", "RankError"]
 
-# A rank's process group outlives the caller's wall clock by this much, so a deadlock is
-# reported by the caller (TimeoutError naming the stuck ranks) rather than by gloo; the
+# A rank's process group outlives the caller's wall-clock backstop by this much, so a deadlock
+# is reported by the caller (TimeoutError naming the stuck ranks) rather than by gloo; the
 # group timeout is only the backstop that frees ranks if the caller itself is gone.
 _PG_GRACE_S = 30.0
+# Ranks that compute nothing this long (at most) are waiting for each other: a deadlock.
+_STALL_S = 10.0
 
 
 class RankError(RuntimeError):
@@ -67,7 +72,8 @@ def run_on_ranks(fn, world_size, *args, timeout=60, backend="gloo"):
     list of per-rank return values (index = rank). Inside `fn`, use `dist.get_rank()`.
 
     Raises RankError when a rank raises or dies, TimeoutError when not every rank has
-    finished after `timeout` seconds (all ranks are killed in both cases). `backend` is
+    finished within `timeout` seconds of CPU time, or when the ranks wait for each other
+    (all ranks are killed in both cases). `backend` is
     "gloo" (CPU) by default; with "nccl" rank r uses GPU r, and the caller must not have
     touched CUDA itself (a forked child cannot use a CUDA context it inherited)."""
     if not isinstance(world_size, int) or world_size < 1:
@@ -97,17 +103,21 @@ def run_on_ranks(fn, world_size, *args, timeout=60, backend="gloo"):
 
 # -- the caller's side ----------------------------------------------------------------------
 def _collect(ranks, timeout):
-    """Per-rank results in rank order; raises on the first failure or at the deadline."""
-    deadline = time.monotonic() + timeout
+    """Per-rank results in rank order; raises on the first failure or past the limits."""
+    # this process's tree: the ranks, and this process waiting for them (it computes nothing)
+    limit = cputime.Limit(cputime.Meter(os.getpid()), timeout, stall=min(timeout, _STALL_S))
+    limit.waiting()
     results, stdout = {}, {}
     pending = {conn: rank for rank, (_, conn) in enumerate(ranks)}
     sentinels = {proc.sentinel: rank for rank, (proc, _) in enumerate(ranks)}
     while pending:
-        left = deadline - time.monotonic()
-        ready = wait(list(pending) + list(sentinels), timeout=max(left, 0)) if left > 0 else []
+        ready = wait(list(pending) + list(sentinels), timeout=limit.interval())
         if not ready:
+            why = limit.check()
+            if why is None:
+                continue
             _replay_stdout(stdout)
-            _raise_timeout(sorted(pending.values()), sorted(results), len(ranks), timeout)
+            _raise_timeout(sorted(pending.values()), sorted(results), len(ranks), why)
         for obj in ready:
             if obj in pending:
                 rank = pending.pop(obj)
@@ -148,11 +158,13 @@ def _handle_reply(rank, reply, results, stdout, ranks):
                     rank, exc_type, tb, original, err)
 
 
-def _raise_timeout(stuck, done, world_size, timeout):
+def _raise_timeout(stuck, done, world_size, why):
     hint = ("a collective called on some ranks only (a deadlock: every rank must make the "
             "same collective calls in the same order), or a rank that never returns")
+    if why.kind == "cpu":
+        hint = "an infinite loop, or far more work than the layer needs"
     finished = f"; ranks {done} finished" if done else ""
-    raise TimeoutError(f"ranks {stuck} of {world_size} did not finish within {timeout} s"
+    raise TimeoutError(f"ranks {stuck} of {world_size} did not finish: they {why.text}"
                        f"{finished}. Likely {hint}. All ranks were killed.")
 
 
@@ -200,8 +212,9 @@ def _rank_main(conn, fn, args, rank, world_size, port, backend, timeout):
             torch.cuda.set_device(rank % torch.cuda.device_count())
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        pg_timeout = cputime.WALL_FACTOR * timeout + _PG_GRACE_S
         dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout + _PG_GRACE_S))
+                                timeout=datetime.timedelta(seconds=pg_timeout))
         reply = ("ok", _detached(fn(*args)))
     except BaseException as exc:  # noqa: BLE001 (everything goes back to the caller)
         reply = ("error", _describe(exc, err_file))
