@@ -122,4 +122,7 @@ def test_only_the_forgers_and_the_reaching_hostile_students_are_flagged(batch):
     assert not flagged & {s.student for s in ORDINARY}
     assert flagged - {f.student for f in FORGERS} == {
         h.student for h in H.HOSTILE if reach.scan(h.attack)}
-    assert f"{len(flagged)} flagged for review" in table(list(outcomes.values()))
+    # ... and the one that rewrote the test cells, for those cells (nbgrader restored them)
+    changed = {s for s, o in outcomes.items() if o.changed_tests}
+    assert changed == {h.student for h in H.HOSTILE if h.tamper}
+    assert f"{len(flagged | changed)} flagged for review" in table(list(outcomes.values()))

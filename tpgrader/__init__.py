@@ -18,9 +18,11 @@ __all__ = ["configure", "load_config"]
 
 _PP = "tpgrader.preprocessors."
 JUDGED_EXECUTE = _PP + "judged_execute.JudgedExecute"
-FLAG_REACH = _PP + "flag_reach.FlagReach"
+FLAGS = _PP + "flags.Flags"
+CHECK_TESTS = _PP + "check_tests.CheckTestCells"
 SELF_CHECK = _PP + "self_check.SelfCheck"
 FEEDBACK_SUMMARY = _PP + "feedback_summary.FeedbackSummary"
+REFERENCE_HOOK = "tpgrader.reference.autograde_hook"
 
 
 def configure(c) -> None:
@@ -28,7 +30,10 @@ def configure(c) -> None:
     imports them itself), so the config serialises: the formgrader shows it as JSON.
 
     - autograde: JudgedExecute instead of nbgrader's Execute (the kernel sandboxed, the test
-      cells judged outside it), FlagReach after SaveAutoGrades;
+      cells judged outside it), Flags after SaveAutoGrades, CheckTestCells before
+      OverwriteCells (test cells deleted or changed: put back, flagged); the source's own
+      solutions judged before the first student (tpgrader.reference, nbgrader's pre-convert
+      hook);
     - generate_assignment: SelfCheck before ClearHiddenTests (it reads the hidden tests);
     - generate_feedback: FeedbackSummary after GetGrades, rendered by FeedbackExporter with
       the `tp_feedback` template (tpgrader/pages);
@@ -39,7 +44,11 @@ def configure(c) -> None:
     from .pages import PAGES, nbgrader_templates
     _pipeline(c.Autograde, "autograde_preprocessors", Autograde.autograde_preprocessors,
               replace={"nbgrader.preprocessors.execute.Execute": JUDGED_EXECUTE},
-              after={"nbgrader.preprocessors.saveautogrades.SaveAutoGrades": FLAG_REACH})
+              after={"nbgrader.preprocessors.saveautogrades.SaveAutoGrades": FLAGS})
+    _pipeline(c.Autograde, "sanitize_preprocessors", Autograde.sanitize_preprocessors,
+              before={"nbgrader.preprocessors.overwritecells.OverwriteCells": CHECK_TESTS})
+    if not c.Autograde.get("pre_convert_hook"):
+        c.Autograde.pre_convert_hook = REFERENCE_HOOK
     _pipeline(c.GenerateAssignment, "preprocessors", GenerateAssignment.preprocessors,
               before={"nbgrader.preprocessors.clearhiddentests.ClearHiddenTests": SELF_CHECK})
     _pipeline(c.GenerateFeedback, "preprocessors", GenerateFeedback.preprocessors,

@@ -93,7 +93,7 @@ class TimeLimits(Configurable):
         "it is interrupted as if past its limit. A runnable process on a loaded machine still "
         "computes every fraction of a second. 0: only the wall-clock backstop stops it."
     )).tag(config=True)
-    notebook_cpu_seconds = Integer(900, help=(
+    notebook_cpu_seconds = Integer(600, help=(
         "CPU time all the student code of one notebook may use while it is graded: the kernel, "
         "the judge's student processes (a rerun included) and the ranks they fork, with a "
         "wall-clock backstop wall_factor times longer. Past it nothing more of that notebook "

@@ -11,6 +11,7 @@ import queue
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from tpjudge import reach
 from . import gpu_feedback
 from . import gradebook as gbk
 from . import shards as shd
-from .. import load_config
+from .. import load_config, reference
+from ..preprocessors import flags
+from ..preprocessors.judged_execute import JUDGE_MARGIN
 
 
 class GraderError(RuntimeError):
@@ -32,7 +35,9 @@ class Outcome:
     status: str                     # graded | unchanged | error
     error: str = ""
     scores: dict = field(default_factory=dict)   # {notebook: {grade_id: (score, max)}}
-    flagged: list = field(default_factory=list)  # solution cells flagged for review (FlagReach)
+    flagged: list = field(default_factory=list)  # solution cells flagged for review (reach)
+    changed_tests: list = field(default_factory=list)  # test cells missing or changed (flags)
+    timed_out: list = field(default_factory=list)  # notebooks whose grading budget ran out
 
 
 @dataclass
@@ -111,6 +116,7 @@ class ClassGrader:
         todo = [s for s in students if s not in done]
         outcomes = {s: Outcome(s, "unchanged") for s in students if s not in todo}
         if todo:
+            self._reference_first()
             outcomes.update(self._autograde(todo, digests, len(students)))
         graded = [s for s in todo if outcomes[s].status == "graded"]
         if self.shard is not None and gbk.has_gpu_cells(self.db_url, self.course_id,
@@ -126,6 +132,24 @@ class ClassGrader:
             self._nbgrader("export", f"--to={self.root / 'grades.csv'}")
         self._read_scores(outcomes)
         return [outcomes[s] for s in students]
+
+    def student_budget(self) -> float:
+        """Seconds on the clock one student's autograde may take in a worker: the grading
+        budget's backstop (c.TimeLimits) for each of its notebooks, and a minute more for
+        nbgrader's own work. Past it the worker is stopped: the grader's own process is stuck
+        (the notebooks' budgets bound the student's code)."""
+        from tpsandbox import TimeLimits
+        limits = TimeLimits(config=self.config)
+        notebooks = len(list((self.root / "source" / self.assignment).glob("*.ipynb"))) or 1
+        budget = limits.notebook_cpu_seconds * limits.wall_factor or 24 * 3600
+        return notebooks * (budget + JUDGE_MARGIN) + 60
+
+    def _reference_first(self) -> None:
+        """The source's own solutions at full marks here, or nobody is graded (exit 2)."""
+        try:
+            reference.check(self.config, self.assignment, log=self.log)
+        except reference.ReferenceFails as exc:
+            raise GraderError(str(exc)) from None
 
     def _done(self, digests) -> set[str]:
         """The students whose submission, as it is now, is graded already: in the course
@@ -205,7 +229,7 @@ class ClassGrader:
                         self._reap(procs, busy, outcomes, start, tasks, bar, todo)
                         continue
                     if kind == "start":
-                        busy[i] = student
+                        busy[i] = (student, time.monotonic())
                         continue
                     busy.pop(i, None)
                     outcomes[student] = self._write(gb, student, res, digests[student])
@@ -223,13 +247,22 @@ class ClassGrader:
         return outcomes
 
     def _reap(self, procs, busy, outcomes, start, tasks, bar, todo):
-        """A worker that died (OOM killer, a bug) costs its current student, not the run."""
+        """A worker that died (OOM killer, a bug) costs its current student, not the run; so
+        does one still grading a student past the student's budget (the watchdog)."""
         for i, p in list(procs.items()):
+            student, since = busy.get(i, (None, 0.0))
+            overdue = student is not None and time.monotonic() - since > self.student_budget()
+            if overdue and p.is_alive():
+                p.kill()             # its kernels and student processes die with it
+                p.join(timeout=10)
             if not p.is_alive():
-                student = busy.pop(i, None)
+                busy.pop(i, None)
                 if student is not None and student not in outcomes:
-                    outcomes[student] = Outcome(student, "error",
-                                                f"grading worker died (exit {p.exitcode})")
+                    outcomes[student] = Outcome(student, "error", (
+                        f"timed out: its grading ran past {self.student_budget():.0f} s on the "
+                        "clock (its notebooks' grading budget) and was stopped; not graded")
+                        if overdue else f"grading worker died (exit {p.exitcode})",
+                        timed_out=["(the whole submission)"] if overdue else [])
                     bar.update(1)
                 if not tasks.empty():
                     start(i)
@@ -303,8 +336,13 @@ class ClassGrader:
                     continue
                 o.scores = {nb.name: {g.name: (g.score, g.max_score) for g in nb.grades}
                             for nb in sub.notebooks}
-                o.flagged = sorted(c.name for nb in sub.notebooks for c in nb.comments
-                                   if (c.auto_comment or "").startswith(reach.PREFIX))
+                comments = [(nb.name, c.name, c.auto_comment or "") for nb in sub.notebooks
+                            for c in nb.comments]
+                o.flagged = sorted(cell for _, cell, text in comments if reach.PREFIX in text)
+                o.changed_tests = sorted(test for _, _, text in comments
+                                         for test in flags.CHANGED_TEST.findall(text))
+                o.timed_out = sorted({name for name, _, text in comments
+                                      if flags.TIMED_OUT in text})
 
 
 def _serve(*args):

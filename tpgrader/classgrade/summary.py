@@ -14,23 +14,30 @@ def counts(outcome) -> tuple[float, float, int]:
     return score, maximum, failed
 
 
+def _cells(names) -> str:
+    return f"{len(names)} cell" + ("s" if len(names) > 1 else "") if names else ""
+
+
 def table(outcomes) -> str:
     width = max([len("student")] + [len(o.student) for o in outcomes])
     lines = [f"{'student':<{width}}  {'status':<9}  {'score':>13}  {'failed tests':>12}  "
-             f"{'flagged':<7}  error"]
+             f"{'flagged':<8}  {'tests changed':<13}  error"]
     for o in outcomes:
         score, top, failed = counts(o)
         shown = f"{score:g} / {top:g}" if o.scores else "-"
-        err = o.error.splitlines()[0][:70] if o.error else ""
-        # cells whose code reaches for the grader: for the instructor to review (no points lost)
-        flag = f"{len(o.flagged)} cell" + ("s" if len(o.flagged) > 1 else "") if o.flagged else ""
-        lines.append(f"{o.student:<{width}}  {o.status:<9}  {shown:>13}  {failed:>12}  "
-                     f"{flag:<7}  {err}")
+        status = "timed out" if o.timed_out else o.status
+        err = o.error.splitlines()[0][:70] if o.error else (
+            f"grading budget used up: {', '.join(o.timed_out)}" if o.timed_out else "")
+        # flagged: cells whose code reaches for the grader; tests changed: test cells missing
+        # from the submission or changed in it (put back and judged). No points lost by either.
+        lines.append(f"{o.student:<{width}}  {status:<9}  {shown:>13}  {failed:>12}  "
+                     f"{_cells(o.flagged):<8}  {_cells(o.changed_tests):<13}  {err}")
     graded = sum(o.status == "graded" for o in outcomes)
     same = sum(o.status == "unchanged" for o in outcomes)
     errors = sum(o.status == "error" for o in outcomes)
-    flagged = sum(bool(o.flagged) for o in outcomes)
+    timed_out = sum(bool(o.timed_out) for o in outcomes)
+    flagged = sum(bool(o.flagged or o.changed_tests) for o in outcomes)
     lines.append(f"{len(outcomes)} submissions: {graded} graded, {same} unchanged since the last "
-                 f"run, {errors} could not be graded, {flagged} flagged for review (their "
-                 f"cells' comments say why)")
+                 f"run, {errors} could not be graded, {timed_out} timed out (their grading "
+                 f"budget used up), {flagged} flagged for review (their cells' comments say why)")
     return "\n".join(lines)

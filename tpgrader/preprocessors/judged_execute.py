@@ -49,7 +49,7 @@ class JudgeUnavailable(RuntimeError):
 _tried: set = set()   # (sandboxed, uid) combinations whose trial process started
 _POOL = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")]
 # How long the kernel's end waits for the judge beyond the budget's own backstop, seconds.
-_JUDGE_MARGIN = 60
+JUDGE_MARGIN = 60
 
 
 class JudgedExecute(SandboxedExecute):
@@ -100,11 +100,20 @@ class JudgedExecute(SandboxedExecute):
                                   rerun=self.judge.rerun_timeouts)
         return verdicts, time.perf_counter() - start
 
+    def verdicts_of(self, nb, workdir: str) -> dict[int, list]:
+        """{index of each test cell: its outputs} when `nb` is graded in `workdir` (the
+        reference check, tpgrader.reference): the judge's verdicts; with the judge off, what
+        the test cells output in the kernel."""
+        if self.judge.enabled:
+            return self._judge(copy.deepcopy(nb), workdir, self.new_budget())[0]
+        nb, _ = self.preprocess(copy.deepcopy(nb), {"metadata": {"path": workdir}})
+        return {i: cell.outputs for i, cell in enumerate(nb.cells) if is_test(cell)}
+
     def _verdicts(self, nb, judging, budget):
         """The judge's verdicts, waiting no longer than the budget's backstop allows. A judge
         that overruns it (stuck in the grader's own process) costs this notebook's tests,
         never the next notebook: its students are killed, a fresh thread judges the next."""
-        wait = max(budget.wall_left(), 0) + _JUDGE_MARGIN if budget.cpu_seconds else None
+        wait = max(budget.wall_left(), 0) + JUDGE_MARGIN if budget.cpu_seconds else None
         try:
             return judging.result(timeout=wait)
         except FutureTimeout:
