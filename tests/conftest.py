@@ -5,6 +5,11 @@ module, via module-scoped fixtures) so every nbgrader call batches as much work 
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tpcourse.cycle import Course
@@ -34,3 +39,20 @@ def pytest_sessionstart(session):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if worker.startswith("gw") and UID_ENV not in os.environ:
         os.environ[UID_ENV] = str(Sandbox().uid + 100 * (int(worker[2:]) + 1))
+
+
+@contextlib.contextmanager
+def busy_machine(per_core: int = 3):
+    """`per_core` processes per core that compute forever, at the caller's nice level, each in
+    a session of its own (with the scheduler's autogroups, Linux's default, the processes of
+    one session share one slice: started together they would compete as one). Yields them;
+    they are killed on the way out."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                              start_new_session=True)
+             for _ in range(per_core * len(os.sched_getaffinity(0)))]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -21,10 +21,11 @@ How it works, and why:
   collective waiting for the failed one).
 - A rank that has finished waits for the others before leaving the process group, so a
   collective called on some ranks only (a deadlock) hangs the ranks that called it. `timeout`
-  is counted in the CPU time the ranks use (tpsandbox.cputime: a busy machine makes them take
-  longer, not time out): ranks past it, ranks that compute nothing for min(timeout, 10) s (a
-  deadlock: they all wait), or ranks still running after WALL_FACTOR * timeout on the clock
-  are killed, and `TimeoutError` names the ranks that did not finish and why.
+  is counted in the CPU time each rank uses (tpsandbox.cputime; the ranks together may use
+  world_size times it: a busy machine makes them take longer, not time out): ranks past it,
+  ranks that compute nothing for min(timeout, 10) s (a deadlock: they all wait), or ranks
+  still running after WALL_FACTOR * timeout on the clock are killed, and `TimeoutError` names
+  the ranks that did not finish and why.
 """
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ def run_on_ranks(fn, world_size, *args, timeout=60, backend="gloo"):
     list of per-rank return values (index = rank). Inside `fn`, use `dist.get_rank()`.
 
     Raises RankError when a rank raises or dies, TimeoutError when not every rank has
-    finished within `timeout` seconds of CPU time, or when the ranks wait for each other
-    (all ranks are killed in both cases). `backend` is
+    finished within `timeout` seconds of CPU time per rank, or when the ranks wait for each
+    other (all ranks are killed in both cases). `backend` is
     "gloo" (CPU) by default; with "nccl" rank r uses GPU r, and the caller must not have
     touched CUDA itself (a forked child cannot use a CUDA context it inherited)."""
     if not isinstance(world_size, int) or world_size < 1:
@@ -104,8 +105,9 @@ def run_on_ranks(fn, world_size, *args, timeout=60, backend="gloo"):
 # -- the caller's side ----------------------------------------------------------------------
 def _collect(ranks, timeout):
     """Per-rank results in rank order; raises on the first failure or past the limits."""
-    # this process's tree: the ranks, and this process waiting for them (it computes nothing)
-    limit = cputime.Limit(cputime.Meter(os.getpid()), timeout, stall=min(timeout, _STALL_S))
+    meter = cputime.Meter(*(proc.pid for proc, _ in ranks))     # the ranks, and their children
+    limit = cputime.Limit(meter, timeout * len(ranks), stall=min(timeout, _STALL_S),
+                          wall_factor=cputime.WALL_FACTOR / len(ranks))
     limit.waiting()
     results, stdout = {}, {}
     pending = {conn: rank for rank, (_, conn) in enumerate(ranks)}
@@ -117,7 +119,7 @@ def _collect(ranks, timeout):
             if why is None:
                 continue
             _replay_stdout(stdout)
-            _raise_timeout(sorted(pending.values()), sorted(results), len(ranks), why)
+            _raise_timeout(sorted(pending.values()), sorted(results), len(ranks), why, timeout)
         for obj in ready:
             if obj in pending:
                 rank = pending.pop(obj)
@@ -158,14 +160,15 @@ def _handle_reply(rank, reply, results, stdout, ranks):
                     rank, exc_type, tb, original, err)
 
 
-def _raise_timeout(stuck, done, world_size, why):
+def _raise_timeout(stuck, done, world_size, why, timeout):
     hint = ("a collective called on some ranks only (a deadlock: every rank must make the "
             "same collective calls in the same order), or a rank that never returns")
     if why.kind == "cpu":
         hint = "an infinite loop, or far more work than the layer needs"
     finished = f"; ranks {done} finished" if done else ""
-    raise TimeoutError(f"ranks {stuck} of {world_size} did not finish: they {why.text}"
-                       f"{finished}. Likely {hint}. All ranks were killed.")
+    raise TimeoutError(f"ranks {stuck} of {world_size} did not finish: the ranks {why.text} "
+                       f"(each may use {timeout} s){finished}. Likely {hint}. All ranks were "
+                       "killed.")
 
 
 def _replay_stdout(stdout):

@@ -38,10 +38,13 @@ def with_answers(source_nb, answers=None, release=False):
     return nb
 
 
-def judge(nb, timeout=30, **settings) -> Result:
+def judge(nb, timeout=30, limits=None, **settings) -> Result:
+    """`timeout`: CPU seconds per cell; `limits`: a tpsandbox.TimeLimits (the stall and the
+    wall-clock backstop); `settings`: other c.Judge settings."""
     config = Judge(timeout=timeout, **settings)
     with tempfile.TemporaryDirectory(prefix="tpjudge-local-") as workdir:
-        verdicts = notebook.judge(nb, lambda: session.start(workdir, config))
+        verdicts = notebook.judge(nb, lambda: session.start(workdir, config, limits=limits),
+                                  rerun=config.rerun_timeouts)
     result = Result()
     for index, outputs in verdicts.items():
         gid = grade_id(nb.cells[index])

@@ -80,16 +80,22 @@ def tree_seconds(pid: int, table=None) -> float | None:
 
 
 class Meter:
-    """The CPU time one process tree has used since the meter was made. Once the tree is gone
-    its last reading stays (a budget still counts what a killed process used)."""
+    """The CPU time the process trees of `pids` have used since the meter was made. Once they
+    are gone their last reading stays (a budget still counts what a killed process used)."""
 
-    def __init__(self, pid: int, table=None):
-        self.pid = pid
-        self.start = tree_seconds(pid, table) or 0.0
+    def __init__(self, *pids: int):
+        self.pids = pids
+        self.start = self._now() or 0.0
         self.used = 0.0
 
+    def _now(self, table=None) -> float | None:
+        table = snapshot() if table is None else table
+        found = [tree_seconds(pid, table) for pid in self.pids]
+        return sum(seconds for seconds in found if seconds is not None) if any(
+            seconds is not None for seconds in found) else None
+
     def read(self, table=None) -> float:
-        now = tree_seconds(self.pid, table)
+        now = self._now(table)
         if now is not None:
             self.used = max(self.used, now - self.start)
         return self.used
@@ -134,11 +140,13 @@ class Budget:
                                          f"{self.wall_seconds:g} s on the clock")
             return self.spent
 
-    def cpu_left(self) -> float:
-        if not self.cpu_seconds:
-            return float("inf")
+    def cpu_used(self) -> float:
+        """As of the last check."""
         with self.lock:
-            return self.cpu_seconds - sum(m.used for m in self.meters)
+            return sum(m.used for m in self.meters)
+
+    def cpu_left(self) -> float:
+        return self.cpu_seconds - self.cpu_used() if self.cpu_seconds else float("inf")
 
     def wall_left(self) -> float:
         if not self.cpu_seconds:

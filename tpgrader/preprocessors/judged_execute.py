@@ -12,7 +12,8 @@ scores those outputs as usual (an error or stderr output: no points).
 The kernel and the judge share the notebook's grading budget (c.TimeLimits.notebook_cpu_seconds,
 tpsandbox.cputime.Budget): once their student code has used it, nothing more of the notebook
 runs, the tests not yet judged fail saying so, and the notebook is marked timed out
-(nb.metadata["tpgrader"]["timed_out"]: the gradebook comment, tpgrader.preprocessors.flags).
+(nb.metadata["tpgrader"]["timed_out"]: the gradebook comment, tpgrader.preprocessors.flags);
+nb.metadata["tpgrader"]["cpu_seconds"] says how much of the budget the notebook used.
 
 `c.Judge.enabled = False` runs the test cells in the kernel instead (for comparisons only: code
 in a solution cell can then reach the checks).
@@ -81,16 +82,19 @@ class JudgedExecute(SandboxedExecute):
                 nb.cells[i].source = source
             kernel = time.perf_counter() - start
             verdicts, judged = self._verdicts(nb, judging, budget) if judging else ({}, 0.0)
+        marks = nb.metadata.setdefault("tpgrader", {})
+        marks["cpu_seconds"] = round(budget.cpu_used(), 1)   # of the notebook's budget
         if budget.spent is not None:
-            nb.metadata.setdefault("tpgrader", {})["timed_out"] = budget.spent.text
+            marks["timed_out"] = budget.spent.text
             self.log.warning("%s: the notebook's student code %s", _who(resources),
                              budget.spent.text)
         if judging is None:
             return nb, resources
         for i, outputs in verdicts.items():
             nb.cells[i].outputs = outputs
-        self.log.info("kernel %.2f s, judge %.2f s alongside it (%d test cells)", kernel, judged,
-                      len(verdicts))
+        self.log.info("kernel %.2f s, judge %.2f s alongside it (%d test cells); the student's "
+                      "code used %.1f s of CPU time", kernel, judged, len(verdicts),
+                      budget.cpu_used())
         return nb, resources
 
     def _judge(self, nb, workdir, budget):
