@@ -1,5 +1,8 @@
-"""The per-student table printed at the end of a class run."""
+"""The per-student table printed at the end of a class run. A student's name and an error's
+text are shown plain (tpgrader.student_text): no escape sequence reaches the terminal."""
 from __future__ import annotations
+
+from ..student_text import one_line, plain
 
 
 def counts(outcome) -> tuple[float, float, int]:
@@ -15,16 +18,17 @@ def counts(outcome) -> tuple[float, float, int]:
 
 
 def table(outcomes) -> str:
-    width = max([len("student")] + [len(o.student) for o in outcomes])
+    names = {id(o): one_line(o.student, 60) for o in outcomes}
+    width = max([len("student")] + [len(n) for n in names.values()])
     lines = [f"{'student':<{width}}  {'status':<9}  {'score':>13}  {'failed tests':>12}  "
              f"{'flagged':<7}  error"]
     for o in outcomes:
         score, top, failed = counts(o)
         shown = f"{score:g} / {top:g}" if o.scores else "-"
-        err = o.error.splitlines()[0][:70] if o.error else ""
+        err = one_line((plain(o.error).strip().splitlines() or [""])[0], 70)
         # cells whose code reaches for the grader: for the instructor to review (no points lost)
         flag = f"{len(o.flagged)} cell" + ("s" if len(o.flagged) > 1 else "") if o.flagged else ""
-        lines.append(f"{o.student:<{width}}  {o.status:<9}  {shown:>13}  {failed:>12}  "
+        lines.append(f"{names[id(o)]:<{width}}  {o.status:<9}  {shown:>13}  {failed:>12}  "
                      f"{flag:<7}  {err}")
     graded = sum(o.status == "graded" for o in outcomes)
     same = sum(o.status == "unchanged" for o in outcomes)
