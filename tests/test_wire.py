@@ -131,6 +131,17 @@ def test_a_header_is_capped_and_its_numbers_are_short(attack, n, says):
     assert isinstance(outcome, wire.ProtocolError) and says in str(outcome)
 
 
+@pytest.mark.parametrize("dtype, shape, size", [
+    ("|V0", [2**62], 0), ("<U0", [10**9], 0), ("|S0", [3], 0), ("|O8", [1], 8),  # no such dtype
+    ("<f8", [2**63, 0], 0), ("<f8", [-1], 0), ("<f8", [True], 8), ("<f8", [1.0], 8),
+    ("<f8", [1] * 33, 8), ("<f8", [0, 2**62, 2**62], 0), ("<f8", [2**40, 2**40], 0),
+    ("<f8", [3], 16),
+])
+def test_an_array_is_never_larger_than_its_buffer(dtype, shape, size):
+    outcome, _ = decode_counted(frames.frame(["a", dtype, shape, 0], [bytes(size)]))
+    assert isinstance(outcome, wire.ProtocolError)
+
+
 def test_the_number_of_values_is_capped():
     limits = wire.Limits(max_items=1000)
     outcome, decoder = decode_counted(frames.frame(*frames.many_values(5000)), limits)
@@ -220,6 +231,15 @@ def test_a_frame_cut_by_a_timeout_is_resumed():
         a.sendall(data[40:])
         got = channel.receive(timeout=5)
     assert got["op"] == "result" and np.array_equal(got["value"], np.arange(100.0))
+
+
+def test_a_reply_that_came_in_time_is_taken_however_late_the_judge_reads_it():
+    data = wire.encode({"op": "result", "value": np.arange(1000.0)})
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(data)
+        got = wire.Channel(b).receive(deadline=time.monotonic() - 10, decode_within=5)
+    assert np.array_equal(got["value"], np.arange(1000.0))
 
 
 def test_a_frame_over_the_header_limit_is_refused_unread():

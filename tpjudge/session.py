@@ -8,7 +8,7 @@ A request that runs past its cell's limit is interrupted (a KeyboardInterrupt in
 main thread, as a kernel interrupt); if the process does not answer within the grace period, or
 two cells in a row run past the limit, it is killed, and every later request fails with the
 reason. A reply that is not valid data (over the limits, not of the grammar, or still being
-decoded when the grace period ends) ends the process the same way, with what was wrong.
+decoded a grace period after it came) ends the process the same way, with what was wrong.
 """
 from __future__ import annotations
 
@@ -174,10 +174,9 @@ class Student:
 
     def _receive(self):
         while True:
-            # a reply that came in time may take until the end of the grace period to decode
-            last = self.deadline + (0 if self.interrupted else self.settings.interrupt_grace)
-            try:
-                reply = self.channel.receive(deadline=self.deadline, decode_deadline=last)
+            try:    # a reply has the grace period to be decoded, however late the judge is
+                reply = self.channel.receive(deadline=self.deadline,
+                                             decode_within=self.settings.interrupt_grace)
             except TimeoutError:
                 if not self.interrupted:
                     self.interrupted = True

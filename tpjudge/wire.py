@@ -23,9 +23,13 @@ Reading a message is bounded in time and memory by design, its cost linear in a 
   keys can all collide, and a dict of colliding keys costs the square of their number to
   build), a key appears once, each buffer is used by exactly one value (one buffer shared by
   many arrays would multiply memory), an array's bytes are its buffer's;
-- given a deadline (the judge's: the call's limit plus its grace), decoding stops there, a
-  backstop for a loaded machine: the worst frame within the limits decodes in well under a
-  second (bench/wire_bench.py).
+- given a deadline (the judge's: a reply has the call's grace period to be decoded, as the
+  student's code has it to stop after an interrupt), decoding stops there: a backstop for a
+  loaded machine or raised limits, since the worst frame within the default limits decodes in
+  under a tenth of a second (bench/wire_bench.py).
+Receiving is bounded by the caller's deadline too: every read waits only for the time left,
+and past it takes only what has already arrived, so a sender that trickles bytes cannot
+stretch a wait; a frame cut by the deadline is resumed by the next receive.
 What breaks a rule is a ProtocolError. The sending side applies the same limits, so a value
 over them fails to send (an error the student's code sees) and never reaches the other side.
 """
@@ -241,14 +245,18 @@ def _key(k):
                         f"int within 64 bits")
 
 
+_DEFAULT = Limits()
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode(message, callbacks=None, opaque=None, limits=None) -> bytes:
     """One framed message. `callbacks`: a list that callables are appended to (their index
     travels); `opaque(obj, encoder)`: a tree for objects this side knows better, e.g.
     `encoder.array("T", values)` for a torch tensor. Raises ProtocolError for a message over
     `limits` (default: Limits())."""
-    limits = limits or Limits()
+    limits = limits or _DEFAULT
     enc = _Encoder(limits, callbacks, opaque)
-    header = json.dumps(enc.value(message), separators=(",", ":")).encode()
+    header = _dumps(enc.value(message)).encode()
     if len(header) > limits.max_header:
         raise ProtocolError(f"a message whose structure ({len(header)} bytes) is over the limit "
                             f"of {limits.max_header >> 10} KiB (send many numbers as one numpy "
@@ -388,15 +396,18 @@ def _no_constant(name: str):
     raise ProtocolError(f"{name} in the header")
 
 
-def load_json(text: str | bytes):
+_JSON = json.JSONDecoder(parse_int=_json_number(int), parse_float=_json_number(float),
+                        parse_constant=_no_constant)
+
+
+def load_json(text: str):
     """JSON text as Python data, refusing (ProtocolError) what JSON allows but data of this
     course never holds and what would cost more than its length to build: numbers of more than
     32 characters (an int's digits cost their square), NaN and Infinity, nesting deeper than
     the interpreter allows. Time and memory are linear in the text's length (at most ~25 bytes
     of objects per byte: the caller caps the length)."""
     try:
-        return json.loads(text, parse_int=_json_number(int), parse_float=_json_number(float),
-                          parse_constant=_no_constant)
+        return _JSON.decode(text)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"unreadable JSON: {str(exc)[:200]}") from None
 
@@ -432,7 +443,7 @@ def _sizes(data, header_len, count, limits) -> tuple[tuple[int, ...], int]:
 def decode(frame, limits=None, deadline=None):
     """The message in one frame (bytes or bytearray, as `Channel` reads it), within `limits`
     (default: Limits()); past `deadline` (time.monotonic()), a ProtocolError."""
-    value, _ = _decode(frame, limits or Limits(), deadline)
+    value, _ = _decode(frame, limits or _DEFAULT, deadline)
     return value
 
 
@@ -468,7 +479,7 @@ class Channel:
 
     def __init__(self, sock, max_bytes=None, opaque=None, limits=None):
         self.sock, self.opaque = sock, opaque
-        self.limits = limits or Limits()
+        self.limits = limits or _DEFAULT
         if max_bytes is not None:
             self.limits = dataclasses.replace(self.limits, max_bytes=max_bytes)
         self._frame = bytearray()      # what has come of the next frame
@@ -476,12 +487,13 @@ class Channel:
     def send(self, message, callbacks=None) -> None:
         self.sock.sendall(encode(message, callbacks, self.opaque, self.limits))
 
-    def receive(self, timeout=None, deadline=None, decode_deadline=None):
+    def receive(self, timeout=None, deadline=None, decode_within=None):
         """The next message. Waits until `deadline` (time.monotonic()), or for `timeout` seconds,
         or (neither) for ever; then TimeoutError, keeping what came of a frame for the next
-        call. EOFError when the other side has gone; ProtocolError for anything that is not a
-        message within the limits, as soon as a frame's first bytes say so, or whose decoding
-        runs past `decode_deadline` (default: `deadline`)."""
+        call (past the deadline it still takes what has already arrived). EOFError when the
+        other side has gone; ProtocolError for anything that is not a message within the
+        limits, as soon as a frame's first bytes say so, or whose decoding takes more than
+        `decode_within` seconds (None: no limit)."""
         if timeout is not None:
             deadline = time.monotonic() + timeout
         try:
@@ -493,7 +505,8 @@ class Channel:
             raise
         except (ConnectionError, OSError) as exc:
             raise EOFError(str(exc)) from None
-        return decode(frame, self.limits, deadline if decode_deadline is None else decode_deadline)
+        return decode(frame, self.limits,
+                      None if decode_within is None else time.monotonic() + decode_within)
 
     def _read_frame(self, deadline) -> bytearray:
         self._fill(_HEAD.size, deadline)
