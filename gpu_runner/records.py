@@ -28,8 +28,8 @@ import numpy as np
 from tpjudge import wire
 
 MAX_ELEMENTS = 4096               # the checks' tensors have at most a few dozen
-# At world size 4 the course's largest rank file is 134 KB, its longest line 18 KB, and one
-# launch's files hold 22,000 values (tests/test_gpu_runner.py measures them).
+# The three torch references at world size 4 (tests/forked_runner.py): the largest rank file
+# is 134 KB, the longest line 18 KB, one launch's files hold at most 22,000 values.
 MAX_BYTES_PER_RANK = 2 * 1024 * 1024
 MAX_LINE = 512 * 1024
 MAX_VALUES_PER_LAUNCH = 500_000

@@ -1,5 +1,7 @@
 """The process a student's code runs in while the judge grades it: `python -m tpjudge.student
-FD CONTROL_FD [LIMITS]`, started by the judge (tpjudge.session) inside the grading sandbox.
+FD CONTROL_FD [LIMITS]`, started by the judge (tpjudge.session) inside the grading sandbox;
+LIMITS are the judge's (wire.Limits.argument()), so that a value over them fails here, as the
+student's code's error, instead of reaching the judge as a reply it refuses.
 
 It runs the cells the judge sends (the course's given cells and the student's solution cells,
 in notebook order) in one namespace, calls the student's functions when asked, and answers
