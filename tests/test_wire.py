@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import signal
 import socket
 import struct
@@ -184,21 +185,17 @@ def test_what_the_sender_refuses_is_what_the_receiver_would():
                         ({2**64: 1}, "keys must be str or int within 64 bits"),
                         ({(0, 1): 1}, "a dict key of type tuple"), (10**5000, "digits"),
                         ([type(f"T{i}", (), {})() for i in range(65)], "more than 64 types")]:
-        with pytest.raises(wire.ProtocolError, match=re_escape(says)):
+        with pytest.raises(wire.ProtocolError, match=re.escape(says)):
             wire.encode(value, limits=limits)
     assert wire.decode(wire.encode("é" * 100 + "\ud800"), LIMITS) == "é" * 100 + "\ud800"
 
 
-def re_escape(text):
-    import re
-    return re.escape(text)
-
-
 # -- the judge's receive: bounded by the call's deadline ---------------------------------------
 def test_a_trickling_sender_cannot_stretch_a_wait():
-    """One byte every 50 ms of a 400-byte frame: a 0.5 s wait ends at 0.5 s (each read used
-    to get the whole wait again, so the frame kept it going for 20 s)."""
-    data = frames.frame(["s", "x" * 60])
+    """One byte every 50 ms of a 364-byte frame: a 0.5 s wait ends at 0.5 s (each read used
+    to get the whole wait again, so the frame kept it going for 18 s)."""
+    data = frames.frame(["l", [["s", "x" * 60]] * 5])
+    assert len(data) == 364
     a, b = socket.socketpair()
     stop = threading.Event()
 
@@ -298,13 +295,14 @@ def test_a_forged_reply_fails_that_student_with_the_reason(forger, attack, n, sa
 
 def test_a_trickled_reply_ends_at_the_cell_limit_and_its_grace(forger):
     """A frame that says 100 KB of header follows, then a byte every 0.2 s, interrupts
-    ignored: the wait ends at the cell's limit (1 s) plus its grace (0.5 s), not in 6 hours."""
+    ignored: the wait ends at the cell's limit (1 s) plus its grace (0.5 s), not when the
+    sender stops (200 s here; each read used to get the cell's whole limit again)."""
     student = forger(timeout=1)
     head = struct.pack("!4sII", wire.MAGIC, 100_000, 0)
     try:
         with wall_guard(60), pytest.raises(StudentGone, match="did not stop within 0.5 s"), \
                 student.cell_limit("test"):
-            session.StudentObject(student, "trickle")(np.frombuffer(head + b"[" * 100, np.uint8))
+            session.StudentObject(student, "trickle")(np.frombuffer(head + b"[" * 1000, np.uint8))
     finally:
         student.close()
 
