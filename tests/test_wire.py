@@ -251,7 +251,7 @@ def test_a_frame_over_the_header_limit_is_refused_unread():
 @pytest.fixture(scope="module")
 def forger(tmp_path_factory):
     """A student's process whose code writes frames of its own onto the judge's socket."""
-    def start(timeout=3):
+    def start(timeout=10):
         started = session.start(str(tmp_path_factory.mktemp("forger")),
                                 Judge(timeout=timeout, interrupt_grace=0.5))
         _run(started, "import os, sys, time\n"
