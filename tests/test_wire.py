@@ -247,6 +247,23 @@ def test_a_frame_over_the_header_limit_is_refused_unread():
             wire.Channel(b).receive(timeout=5)
 
 
+def test_a_send_waits_for_its_own_timeout_whatever_the_last_receive_left():
+    a, b = socket.socketpair()
+    with a, b:
+        channel = wire.Channel(b)
+        with pytest.raises(TimeoutError):
+            channel.receive(deadline=time.monotonic() - 1)     # leaves the socket non-blocking
+        got = []
+        reader = threading.Thread(target=lambda: (time.sleep(0.3),
+                                                  got.append(wire.Channel(a).receive(timeout=30))))
+        reader.start()
+        channel.send({"x": np.zeros(1 << 20)}, timeout=30)     # 8 MiB: waits for the reader
+        reader.join()
+        assert got[0]["x"].shape == (1 << 20,)
+        with pytest.raises(TimeoutError):                      # nobody reads: it gives up
+            channel.send({"x": np.zeros(1 << 20)}, timeout=0.2)
+
+
 # -- a student's process that sends them --------------------------------------------------------
 @pytest.fixture(scope="module")
 def forger(tmp_path_factory):

@@ -89,7 +89,7 @@ class Student:
         self.interrupted = True          # no second interrupt: past the grace, a kill
         self.deadline = time.monotonic() + self.settings.interrupt_grace
         try:
-            self.channel.send({"op": "settle", "interrupts": self.interrupts})
+            self._send({"op": "settle", "interrupts": self.interrupts})
         except OSError:
             self._lost("its connection closed")
         reply = self._receive()
@@ -156,7 +156,7 @@ class Student:
 
     def _converse(self, message) -> dict:
         try:
-            self.channel.send(message, callbacks=self._callbacks)
+            self._send(message, callbacks=self._callbacks)
         except OSError:
             self._lost("its connection closed")
         while True:
@@ -171,6 +171,16 @@ class Student:
                 self._answer(reply)
             else:
                 self._lost(f"it sent something that is not a message ({op!r})")
+
+    def _send(self, message, callbacks=None) -> None:
+        """A message to the student's process, which has until the end of the cell's limit and
+        its grace to take it (its socket's state from the last receive does not apply)."""
+        left = max(self.deadline - time.monotonic(), 0.0)
+        try:
+            self.channel.send(message, callbacks, timeout=left + self.settings.interrupt_grace)
+        except TimeoutError:
+            self._lost(f"it did not take the judge's message within the {self.timeout} s limit "
+                       f"of {self.cell}")
 
     def _receive(self):
         while True:
@@ -215,9 +225,9 @@ class Student:
             answer = _raise(exc)
         try:
             try:
-                self.channel.send(answer)
+                self._send(answer)
             except wire.ProtocolError as exc:     # e.g. a gathered result over the limits
-                self.channel.send(_raise(exc))
+                self._send(_raise(exc))
         except OSError:
             self._lost("its connection closed")
 
@@ -266,7 +276,7 @@ class Student:
     def close(self) -> None:
         if self.gone is None:
             with contextlib.suppress(OSError):
-                self.channel.send({"op": "bye"})
+                self._send({"op": "bye"})
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=2)
         self.kill("closed")

@@ -484,8 +484,12 @@ class Channel:
             self.limits = dataclasses.replace(self.limits, max_bytes=max_bytes)
         self._frame = bytearray()      # what has come of the next frame
 
-    def send(self, message, callbacks=None) -> None:
-        self.sock.sendall(encode(message, callbacks, self.opaque, self.limits))
+    def send(self, message, callbacks=None, timeout=None) -> None:
+        """Send one message (ProtocolError if it is over the limits: nothing is sent); an
+        OSError (socket.timeout) when the other side has not taken it within `timeout`."""
+        frame = encode(message, callbacks, self.opaque, self.limits)
+        self.sock.settimeout(timeout)
+        self.sock.sendall(frame)
 
     def receive(self, timeout=None, deadline=None, decode_within=None):
         """The next message. Waits until `deadline` (time.monotonic()), or for `timeout` seconds,
