@@ -8,13 +8,13 @@ of numbers, at most MAX_ELEMENTS of them), exceptions as {"types", "message"}, c
 The student's code runs in the rank and can write anything into that file, so the grader reads
 it as it reads the judge's wire (tpjudge.wire): in time and memory linear in a capped size. It
 reads at most MAX_BYTES_PER_RANK of each rank's file, parses each line of at most MAX_LINE
-bytes with wire.load_json (no long numbers, no NaN), and builds at most MAX_VALUES_PER_LAUNCH
-values from one launch's files (JSON can build ~25 bytes of objects per byte: this keeps a
-launch's records to tens of MB). `parse` turns a line that breaks a rule, or whose fields are
-not of the types the grader reads, into a "rejected" record saying why: the units that rank
-left without an end record fail with that reason, never the grader. Every value a check uses is
-decoded through `tensor()` / `outcome()`, which reject anything malformed with `Malformed` (a
-failed check).
+characters with wire.load_json (no long numbers, no NaN), and builds at most
+MAX_VALUES_PER_LAUNCH values from one launch's files (JSON can build ~25 bytes of objects per
+byte: this keeps a launch's records to tens of MB). `parse` turns a line that breaks a rule, or
+whose fields are not of the types the grader reads, into a "rejected" record saying why: the
+units that rank left without an end record fail with that reason, never the grader. Every value
+a check uses is decoded through `tensor()` / `outcome()`, which reject anything malformed with
+`Malformed` (a failed check).
 
 `encode_*` run in the rank (duck-typed on torch tensors: this module imports no torch).
 """

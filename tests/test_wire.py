@@ -433,7 +433,7 @@ def _rank_file(tmp_path, lines):
 @pytest.mark.parametrize("line, says", [
     ('{"event": "end", "n": ' + "7" * 5000 + "}", "a number too long"),
     ("[" * 100_000 + "]" * 100_000, "unreadable JSON"),
-    ('{"event": "end", "x": NaN}', "NaN in the header"),
+    ('{"event": "end", "x": NaN}', "a NaN literal"),
     (json.dumps({"event": "x", "pad": "y" * (600 << 10)}), "over the limit of 524288"),
     (json.dumps({**_END, "status": ["ok"]}), "whose status is list"),
     (json.dumps({"event": "watchdog", "unit": "u", "seconds": "60"}), "whose seconds is str"),

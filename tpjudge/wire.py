@@ -393,7 +393,7 @@ def _json_number(kind):
 
 
 def _no_constant(name: str):
-    raise ProtocolError(f"{name} in the header")
+    raise ProtocolError(f"a {name} literal (this data sends non-finite floats as text)")
 
 
 _JSON = json.JSONDecoder(parse_int=_json_number(int), parse_float=_json_number(float),
