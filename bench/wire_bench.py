@@ -9,9 +9,11 @@
    frame, the exponent fitted over the scales gives what the old caps allowed one message.
    A decode still running after --limit seconds is stopped and shown as "> limit".
 2. The worst frames within this wire's limits (tpjudge.wire.Limits()): CPU seconds and memory.
-3. A typical reply (the largest of the course's catalogue: 23 KB, 6 arrays, 20 values) and a
-   small one, and the judge's "exec" request (a cell of 8.7 KB): encode + decode time before
-   and after, in one process, ratio after / before.
+3. A typical reply (shaped like the largest of the course's catalogue, a run_on_ranks result:
+   6 arrays, 20 values; 15 KB here, 23 KB there), a small one, and the judge's "exec" request
+   (a cell of 8.7 KB): encode + decode CPU time before and after, in one process, the best of 5
+   runs, ratio after / before. The catalogue's seven references exchange ~400 messages per
+   notebook.
 CPU seconds (getrusage) are what the decode itself used; on a shared machine they move less
 than wall time, but still read them as ratios from one run.
 """
@@ -165,7 +167,7 @@ def typical_messages():
     rng = np.random.default_rng(0)
     ranks = [(rng.standard_normal((4, 60)).astype(np.float32), rng.standard_normal((60, 8)),
               float(r)) for r in range(3)]
-    return {"ranks result (23 KB)": {"op": "result", "value": ranks, "args": [], "kwargs": {},
+    return {"ranks result (15 KB)": {"op": "result", "value": ranks, "args": [], "kwargs": {},
                                      "out": "", "err": ""},
             "small result": {"op": "result", "value": np.ones((3, 4)), "args": [np.ones(3)],
                              "kwargs": {}, "out": "", "err": ""},
