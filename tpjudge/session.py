@@ -2,10 +2,13 @@
 student's cells there, call the student's functions, and carry out what they ask of the judge.
 
 Nothing the student's process sends is run or unpickled here: its messages are data
-(tpjudge.wire), bounded in size, and every wait on it is bounded in time. A request that runs
-past its cell's limit is interrupted (a KeyboardInterrupt in the student's main thread, as a
-kernel interrupt); if the process does not answer within the grace period, or two cells in a
-row run past the limit, it is killed, and every later request fails with the reason.
+(tpjudge.wire), bounded in size (the settings' limits, which that process applies to what it
+sends too), and every wait on it, receiving and decoding a reply included, is bounded in time.
+A request that runs past its cell's limit is interrupted (a KeyboardInterrupt in the student's
+main thread, as a kernel interrupt); if the process does not answer within the grace period, or
+two cells in a row run past the limit, it is killed, and every later request fails with the
+reason. A reply that is not valid data (over the limits, not of the grammar, or still being
+decoded a grace period after it came) ends the process the same way, with what was wrong.
 """
 from __future__ import annotations
 
@@ -86,7 +89,7 @@ class Student:
         self.interrupted = True          # no second interrupt: past the grace, a kill
         self.deadline = time.monotonic() + self.settings.interrupt_grace
         try:
-            self.channel.send({"op": "settle", "interrupts": self.interrupts})
+            self._send({"op": "settle", "interrupts": self.interrupts})
         except OSError:
             self._lost("its connection closed")
         reply = self._receive()
@@ -153,7 +156,7 @@ class Student:
 
     def _converse(self, message) -> dict:
         try:
-            self.channel.send(message, callbacks=self._callbacks)
+            self._send(message, callbacks=self._callbacks)
         except OSError:
             self._lost("its connection closed")
         while True:
@@ -169,11 +172,21 @@ class Student:
             else:
                 self._lost(f"it sent something that is not a message ({op!r})")
 
+    def _send(self, message, callbacks=None) -> None:
+        """A message to the student's process, which has until the end of the cell's limit and
+        its grace to take it (its socket's state from the last receive does not apply)."""
+        left = max(self.deadline - time.monotonic(), 0.0)
+        try:
+            self.channel.send(message, callbacks, timeout=left + self.settings.interrupt_grace)
+        except TimeoutError:
+            self._lost(f"it did not take the judge's message within the {self.timeout} s limit "
+                       f"of {self.cell}")
+
     def _receive(self):
         while True:
-            left = self.deadline - time.monotonic()
-            try:
-                reply = self.channel.receive(timeout=max(left, 0.001))
+            try:    # a reply has the grace period to be decoded, however late the judge is
+                reply = self.channel.receive(deadline=self.deadline,
+                                             decode_within=self.settings.interrupt_grace)
             except TimeoutError:
                 if not self.interrupted:
                     self.interrupted = True
@@ -183,8 +196,12 @@ class Student:
                 self.kill(f"it did not stop within {self.settings.interrupt_grace:g} s of an "
                           f"interrupt after the {self.timeout} s limit of {self.cell}")
                 raise StudentGone(self.gone) from None
-            except (EOFError, wire.ProtocolError) as exc:
-                self._lost(str(exc) if isinstance(exc, wire.ProtocolError) else "")
+            except EOFError:
+                self._lost("")
+            except wire.ProtocolError as exc:
+                self.kill(f"the student's process was stopped in {self.cell}: the reply was not "
+                          f"valid data: {exc}")
+                raise StudentGone(self.gone) from None
             if isinstance(reply, dict):
                 self._collect_output(reply)
             return reply
@@ -205,9 +222,12 @@ class Student:
                 value = self._callbacks[number](*args, **kwargs)
             answer = {"op": "return", "value": value}
         except Exception as exc:  # noqa: BLE001 - the student's code sees it, as it would
-            answer = {"op": "raise", "error": {"ename": type(exc).__name__, "evalue": str(exc)}}
+            answer = _raise(exc)
         try:
-            self.channel.send(answer)
+            try:
+                self._send(answer)
+            except wire.ProtocolError as exc:     # e.g. a gathered result over the limits
+                self._send(_raise(exc))
         except OSError:
             self._lost("its connection closed")
 
@@ -256,7 +276,7 @@ class Student:
     def close(self) -> None:
         if self.gone is None:
             with contextlib.suppress(OSError):
-                self.channel.send({"op": "bye"})
+                self._send({"op": "bye"})
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=2)
         self.kill("closed")
@@ -264,6 +284,11 @@ class Student:
             sock.close()
         if self.scratch is not None:
             self.scratch()
+
+
+def _raise(exc: Exception) -> dict:
+    """The answer that raises `exc` in the student's code."""
+    return {"op": "raise", "error": {"ename": type(exc).__name__, "evalue": str(exc)}}
 
 
 def _remote_ref(obj, encoder):
@@ -297,8 +322,10 @@ def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanu
     process's own words."""
     judge_end, student_end = socket.socketpair()
     control, control_end = socket.socketpair()
+    limits = wire.Limits(max_bytes=settings.max_message_mb << 20,
+                         max_header=settings.max_header_kb << 10, max_items=settings.max_items)
     argv = [sys.executable, "-m", "tpjudge.student", str(student_end.fileno()),
-            str(control_end.fileno())]
+            str(control_end.fileno()), limits.argument()]
     log_path = Path(scratch or workdir).parent / "judge-start.log" if scratch else None
     log = open(log_path, "w+") if log_path else subprocess.DEVNULL
     try:
@@ -309,7 +336,7 @@ def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanu
     finally:
         student_end.close()
         control_end.close()
-    channel = wire.Channel(judge_end, max_bytes=settings.max_message_mb << 20)
+    channel = wire.Channel(judge_end, limits=limits)
     student = Student(proc, channel, control, settings, cleanup)
     try:
         student.wait_ready()
