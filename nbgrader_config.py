@@ -31,7 +31,8 @@ c.GpuRunner.world_sizes = [1, 2, 3, 4]
 # in the gradebook. Grading refuses if bubblewrap is missing: run `.ci/setup-system.sh` (as
 # root), or opt out explicitly (unsafe) with c.Sandbox.enabled = False.
 # Limits: c.Sandbox.memory_mb, cpu_seconds, max_processes, ... (tpsandbox/settings.py);
-# the judge: c.Judge.timeout, interrupt_grace, max_message_mb, ... (tpjudge/settings.py).
+# the judge: c.Judge.timeout, interrupt_grace, max_message_mb, max_header_kb, max_items, ...
+# (tpjudge/settings.py).
 from tpgrader import configure  # noqa: E402
 
 configure(c)

@@ -10,8 +10,9 @@ Layout of one launch, <workdir>/launch<N>/: torchrun.log and supervisor.json (th
 and ranks/, the job's working folder, where each rank appends its records. With a
 confinement (`Config.wrap`, the grading sandbox) the job can write nothing but ranks/ and
 reads the submission from a copy there; the grader then reads ranks/ without following links,
-at most records.MAX_BYTES_PER_RANK per rank, and judges what the ranks observed here, in its
-own process (gpu_runner.judge).
+at most records.MAX_BYTES_PER_RANK per rank, parsed within records' limits (a record that
+breaks them fails the units its rank left unfinished), and judges what the ranks observed
+here, in its own process (gpu_runner.judge).
 
 A launch whose process groups could not be set up (or that never started) says nothing about
 the student: `EnvironmentFailure`, the student is not graded.
@@ -32,10 +33,12 @@ from pathlib import Path
 
 from tpsandbox import cputime
 
-from . import machine, report
+from . import machine, records, report
 from .judge import judge
 from .plan import Unit, skipped_by_fault
-from .records import MAX_BYTES_PER_RANK
+from .records import MAX_BYTES_PER_RANK, MAX_TEXT
+
+_LOG_TAIL = 1 << 20     # of torchrun.log, read for its failure summary (ranks print there too)
 
 _FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")
 
@@ -196,8 +199,9 @@ def _launch(module, out, todo, cfg, index):
 
 def _read_records(out):
     """{rank: [records]} from ranks/rank<R>.jsonl: regular files only, never through a link
-    (the job owns the folder), at most MAX_BYTES_PER_RANK each (a line cut there is dropped)."""
-    records = {}
+    (the job owns the folder), at most MAX_BYTES_PER_RANK each (a line cut there is dropped),
+    parsed by records.parse."""
+    texts = {}
     for path in job_dir(out).glob("rank*.jsonl"):
         try:
             rank = int(path.stem[4:])
@@ -207,29 +211,22 @@ def _read_records(out):
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue
-            text = f.read(MAX_BYTES_PER_RANK).decode("utf-8", errors="replace")
-        rows = []
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:     # a line cut by a kill
-                continue
-            if isinstance(row, dict) and "event" in row:
-                rows.append(row)
-        records[rank] = rows
-    return records
+            texts[rank] = f.read(MAX_BYTES_PER_RANK).decode("utf-8", errors="replace")
+    return records.parse(texts)
 
 
-def _interpret(records, todo, cfg, sup, log, results) -> int:
+def _interpret(rank_records, todo, cfg, sup, log, results) -> int:
     """Fill `results` from one launch's records; returns how many units got a result. Raises
     EnvironmentFailure when the launch never got as far as the student's code."""
     world = cfg.world
-    ends, starts, watchdog = {}, {}, {}
+    ends, starts, watchdog, rejected = {}, {}, {}, {}
     import_errors, env_errors = [], []
-    for rank, rows in records.items():
+    for rank, rows in rank_records.items():
         for row in rows:
             ev, unit = row.get("event"), row.get("unit")
-            if ev == "start" and isinstance(unit, str):
+            if ev == "rejected":
+                rejected.setdefault(rank, str(row.get("why", ""))[:MAX_TEXT])
+            elif ev == "start" and isinstance(unit, str):
                 starts.setdefault(unit, set()).add(rank)
             elif ev == "end" and isinstance(unit, str):
                 ends.setdefault(unit, {})[rank] = row
@@ -242,7 +239,7 @@ def _interpret(records, todo, cfg, sup, log, results) -> int:
     for w in watchdog.values():
         if w.get("unit") == "setup":
             env_errors.append(f"setting up the process groups took over {w.get('seconds')}s")
-    if env_errors or not records:
+    if env_errors or not rank_records:
         why = env_errors[0] if env_errors else (
             f"no rank started (torchrun exit {sup['rc']}{_limit_reached(sup)})")
         raise EnvironmentFailure(f"the process groups could not be set up, before any student "
@@ -264,7 +261,8 @@ def _interpret(records, todo, cfg, sup, log, results) -> int:
             continue
         if not starts.get(u.id) and not any(w.get("unit") == u.id for w in watchdog.values()):
             continue   # never reached (an earlier fault ended the launch)
-        reason = _fault_reason(u, members, got, starts.get(u.id, set()), watchdog, sup, log)
+        reason = _fault_reason(u, members, got, starts.get(u.id, set()), watchdog, rejected,
+                               sup, log)
         results[u.id] = _failed(u, "fault", reason)
         kind = next((got[r].get("fault_kind") for r in members
                      if r in got and got[r].get("fault")), None)
@@ -278,16 +276,18 @@ def _interpret(records, todo, cfg, sup, log, results) -> int:
 _SOURCE_LOCATION = re.compile(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
 
 
-def _fault_reason(u, members, got, started, watchdog, sup, log):
+def _fault_reason(u, members, got, started, watchdog, rejected, sup, log):
     """One line: what happened on which ranks (group ranks), the same story told once."""
     by_story: dict[str, list[int]] = {}
     exits = _exit_codes(log)
     for r in members:
         story = None
         if r in got and got[r].get("fault"):
-            story = (f"a sticky CUDA error, the rank was relaunched: {_short(str(got[r]['fault']))}"
+            story = (f"a sticky CUDA error, the rank was relaunched: {_short(got[r]['fault'])}"
                      if got[r].get("fault_kind") == "cuda" else
-                     f"collective failed: {_short(str(got[r]['fault']))}")
+                     f"collective failed: {_short(got[r]['fault'])}")
+        elif r in started and r not in got and r in rejected:
+            story = f"its report was not valid data ({rejected[r]})"
         elif watchdog.get(r, {}).get("unit") == u.id:
             late = str(watchdog[r].get("why") or f"ran past {watchdog[r]['seconds']:.0f}s")
             story = f"still running: it {late} (an infinite loop or a hang), killed"
@@ -309,8 +309,9 @@ def _fault_reason(u, members, got, started, watchdog, sup, log):
 
 
 def _short(fault: str) -> str:
-    """A backend's error in one sentence, with what it most likely means."""
-    text = _SOURCE_LOCATION.sub("", fault)
+    """A backend's error in one sentence, with what it most likely means (the regular
+    expression reads a bounded prefix: on a long text its backtracking is quadratic)."""
+    text = _SOURCE_LOCATION.sub("", fault[:MAX_TEXT * 4])
     text = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
     low = text.lower()
     if "timed out" in low or "timeout" in low:
@@ -323,7 +324,9 @@ def _short(fault: str) -> str:
 def _exit_codes(log):
     """{global rank: exit code} from torchrun's failure summary (ChildFailedError)."""
     try:
-        text = Path(log).read_text(errors="replace")
+        with open(log, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - _LOG_TAIL, 0))
+            text = f.read().decode("utf-8", errors="replace")
     except OSError:
         return {}
     codes = {}

@@ -3,9 +3,18 @@
 A rank writes one JSON line per event (gpu_runner.worker); in an "end" record, `obs` holds
 what the unit observed: tensors as {"shape", "dtype", "device", "data"} (values as a flat list
 of numbers, at most MAX_ELEMENTS of them), exceptions as {"types", "message"}, counts as
-{kind: n}. Data only: nothing is pickled or evaluated. The grader reads at most
-MAX_BYTES_PER_RANK of each rank's file and decodes every value it uses through `tensor()` /
-`outcome()`, which reject anything malformed with `Malformed` (a failed check, never a crash).
+{kind: n}. Data only: nothing is pickled or evaluated.
+
+The student's code runs in the rank and can write anything into that file, so the grader reads
+it as it reads the judge's wire (tpjudge.wire): in time and memory linear in a capped size. It
+reads at most MAX_BYTES_PER_RANK of each rank's file, parses each line of at most MAX_LINE
+characters with wire.load_json (no long numbers, no NaN), and builds at most
+MAX_VALUES_PER_LAUNCH values from one launch's files (JSON can build ~25 bytes of objects per
+byte: this keeps a launch's records to tens of MB). `parse` turns a line that breaks a rule, or
+whose fields are not of the types the grader reads, into a "rejected" record saying why: the
+units that rank left without an end record fail with that reason, never the grader. Every value
+a check uses is decoded through `tensor()` / `outcome()`, which reject anything malformed with
+`Malformed` (a failed check).
 
 `encode_*` run in the rank (duck-typed on torch tensors: this module imports no torch).
 """
@@ -16,8 +25,14 @@ import numbers
 
 import numpy as np
 
+from tpjudge import wire
+
 MAX_ELEMENTS = 4096               # the checks' tensors have at most a few dozen
-MAX_BYTES_PER_RANK = 8 * 1024 * 1024
+# The three torch references at world size 4 (tests/forked_runner.py): the largest rank file
+# is 134 KB, the longest line 18 KB, one launch's files hold at most 22,000 values.
+MAX_BYTES_PER_RANK = 2 * 1024 * 1024
+MAX_LINE = 512 * 1024
+MAX_VALUES_PER_LAUNCH = 500_000
 MAX_TEXT = 500
 DTYPES = {"float16", "bfloat16", "float32", "float64", "int32", "int64", "bool", "uint8", "int8",
           "int16", "complex64", "complex128"}
@@ -64,6 +79,63 @@ def _number(v):
 
 
 # -- grader side ----------------------------------------------------------------------------------
+# The fields the grader reads from each kind of record, and their types (absent reads as None).
+_TEXT = (str, type(None))
+_FIELDS = {"end": {"status": _TEXT, "error": _TEXT, "fault": _TEXT, "fault_kind": _TEXT},
+           "watchdog": {"seconds": (int, float), "why": _TEXT}}
+
+
+def parse(texts: dict) -> dict:
+    """{rank: [records]} from {rank: the text of its file, as read}; a line that breaks a
+    rule is a record {"event": "rejected", "why": ...}, a last line without its newline (cut by
+    a kill or by the size cap) is dropped."""
+    budget = [MAX_VALUES_PER_LAUNCH]
+    parsed = {}
+    for rank in sorted(texts):
+        lines = texts[rank].split("\n")[:-1]
+        parsed[rank] = [_record(line, budget) for line in lines if line.strip()]
+    return parsed
+
+
+def _record(line: str, budget: list) -> dict:
+    try:
+        if len(line) > MAX_LINE:
+            raise Malformed(f"a record of {len(line)} characters, over the limit of {MAX_LINE}")
+        rec = wire.load_json(line)
+        budget[0] -= _values(rec, budget[0])
+        return _checked(rec)
+    except (Malformed, wire.ProtocolError) as exc:
+        return {"event": "rejected", "why": str(exc)[:MAX_TEXT]}
+
+
+def _values(tree, limit: int) -> int:
+    """How many values `tree` holds (each list or dict entry counts); Malformed past `limit`."""
+    stack, count = [tree], 0
+    while stack:
+        value = stack.pop()
+        count += 1
+        if type(value) is list:
+            stack.extend(value)
+        elif type(value) is dict:
+            stack.extend(value.values())
+        if count + len(stack) > limit:
+            raise Malformed(f"the ranks' records hold over {MAX_VALUES_PER_LAUNCH} values")
+    return count
+
+
+def _checked(rec):
+    """`rec` if it is a record whose fields the grader reads have their types."""
+    if not (isinstance(rec, dict) and isinstance(rec.get("event"), str)):
+        raise Malformed("a record that is not {event: ...}")
+    if not isinstance(rec.get("unit"), (str, type(None))):
+        raise Malformed("a record whose unit is not a name")
+    for name, types in _FIELDS.get(rec["event"], {}).items():
+        if not isinstance(rec.get(name), types) or isinstance(rec.get(name), bool):
+            raise Malformed(f"a {rec['event']} record whose {name} is "
+                            f"{type(rec.get(name)).__name__}")
+    return rec
+
+
 def tensor(rec) -> np.ndarray | None:
     """A tensor record back as a float64 array (None stays None). Raises Malformed."""
     if rec is None:

@@ -7,7 +7,9 @@ after a fault or never ran count as failed, with the reason as their detail.
 
 The comment of a cell (the gradebook's, shown in the feedback) lists every failed check with
 its diagnosis, once per check with the world sizes it failed at; it names nothing the student
-cannot see (no grader paths: those stay in the report's "launches").
+cannot see (no grader paths: those stay in the report's "launches"). A diagnosis can quote what
+a rank raised (the student's text): each is one line of plain text (tpgrader.student_text), so
+the comment, markdown in the feedback and the formgrader, stays one list item per check.
 """
 from __future__ import annotations
 
@@ -15,8 +17,13 @@ import json
 import os
 from pathlib import Path
 
+from tpgrader.student_text import one_line
+
 from . import machine
 from .plan import planned_checks
+
+
+DETAIL_LIMIT = 1000     # characters of one failed check's diagnosis in a comment
 
 
 def build(student, assignment, notebook, cells, plan, results, launches, cfg, seconds) -> dict:
@@ -70,7 +77,7 @@ def _comment(gid, ids, checks, cfg) -> str:
     for name, ids_ in by_check.items():
         sizes = ", ".join(c.split("@")[1] for c in ids_)
         lines.append(f"- {name} (world size{'s' if len(ids_) > 1 else ''} {sizes}): "
-                     f"{checks[ids_[0]]['detail']}")
+                     f"{one_line(checks[ids_[0]]['detail'], DETAIL_LIMIT)}")
     return head + " Failed:\n" + "\n".join(lines)
 
 

@@ -14,7 +14,12 @@ elsewhere), with a gpu report attached to the feedback. Then `jupyter lab` serve
 - the formgrader: the gpu_* scores and comments, and a markdown table whose cells do not run
   together;
 - the student's notebook in JupyterLab after Run All: the self-check names the failed checks
-  with the same messages as the grader.
+  with the same messages as the grader;
+- a second tp_linear student whose row_parallel cell writes markup (a script, a style that
+  hides the summary, an overlay saying "All checks passed") into everything a cell can: what
+  it prints and displays, JavaScript, an added markdown cell, and its exception's class name
+  and message. On the feedback page and the formgrader's page of that submission nothing of it
+  runs, and every check it lost is listed, on screen, with its lost points (issue 15).
 
 The screenshots stay in the test's temporary folder (its path is printed).
 """
@@ -36,7 +41,7 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from tpcourse.examples.numpy_students import BIAS_EVERY_RANK
-from tpcourse.submissions import build
+from tpcourse.submissions import Submission, build
 from tpjudge.cells import gpu_cells, grade_id, is_given, is_self_check, read
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -48,6 +53,22 @@ pytestmark = [
 ]
 
 STUDENT = BIAS_EVERY_RANK.student
+DEFACER = "defacer"
+# What the defacing student writes everywhere: it would set window.tpInjected and the title,
+# hide the summary and the lost points, and lay "All checks passed" over the page.
+MARKUP = ("<script>window.tpInjected = 'script'; document.title = 'defaced'</script>"
+          "<style>.tp-summary, .tp-failed, .tp-lost, #toc { display: none !important }</style>"
+          "<img src=x onerror=\"window.tpInjected = 'img'; document.title = 'defaced'\">"
+          "</div></div></div><div class='navbar-fixed-top' style='height: 100vh; "
+          "background: white; z-index: 99999'>All checks passed: 99/99</div>")
+DEFACING_ROW_PARALLEL = f"""
+from IPython.display import HTML, Javascript, display
+MARKUP = {MARKUP!r}
+print(MARKUP)
+display(HTML(MARKUP))
+display(Javascript("window.tpInjected = 'javascript'; document.title = 'defaced'"))
+raise type(MARKUP, (Exception,), {{}})(MARKUP + "\x1b[37;47m the rest in white on white")
+"""
 WIDTH, HEIGHT = 1366, 768
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update",
@@ -72,6 +93,11 @@ def course(make_course):
     source, release = course.root / "source", course.root / "release"
     notebooks = build(BIAS_EVERY_RANK, source, release)
     course.place_submission(STUDENT, "tp_linear", notebooks)
+    defacing = build(Submission(DEFACER, "tp_linear", {
+        "tp_linear": {"sol_row_parallel": DEFACING_ROW_PARALLEL}}), source, release)
+    from nbformat.v4 import new_markdown_cell
+    defacing["tp_linear.ipynb"].cells.insert(2, new_markdown_cell(f"A note.\n\n{MARKUP}"))
+    course.place_submission(DEFACER, "tp_linear", defacing)
     work = course.student_home(STUDENT) / "tp_linear"     # what the student has open
     work.mkdir(parents=True)
     import nbformat
@@ -370,3 +396,60 @@ def test_the_students_self_check_names_the_mistake_like_the_grader(course, serve
     # The self-check cells themselves are not part of any grade: the grader left them unrun.
     graded = read(course.root / "autograded" / STUDENT / "tp_linear" / "tp_linear.ipynb")
     assert all(not c.outputs for c in graded.cells if is_self_check(c))
+
+
+def _grades(course, student, assignment) -> dict:
+    """{grade_id: (score, max score)} of every graded cell, from the gradebook."""
+    from nbgrader.api import Gradebook
+    with Gradebook(course.db_url) as gb:
+        nb = gb.find_submission_notebook(assignment, assignment, student)
+        return {g.name: (g.score, g.max_score) for g in nb.grades}
+
+
+def _nothing_ran(driver):
+    time.sleep(1)               # an <img onerror> fires after the load
+    assert driver.execute_script("return window.tpInjected === undefined"), \
+        driver.execute_script("return window.tpInjected")
+    assert "defaced" not in driver.title
+    assert not driver.find_elements(By.CSS_SELECTOR, "div.navbar-fixed-top")
+
+
+_UNCOVERED = """
+const el = arguments[0]; const r = el.getBoundingClientRect();
+const top = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+return top === el || el.contains(top);"""
+
+
+def test_a_defacing_submission_runs_nothing_and_hides_no_lost_point(course, server, browser):
+    grades = _grades(course, DEFACER, "tp_linear")
+    lost = {gid: (score, top) for gid, (score, top) in grades.items() if score < top}
+    assert "test_row_small" in lost          # its row_parallel raised: the row checks lost
+    _open(browser, server, f"files/feedback/{DEFACER}/tp_linear/tp_linear.html")
+    _nothing_ran(browser)
+    header = browser.find_element(By.XPATH, "//h5[starts-with(., 'What to fix')]")
+    assert _words(_on_screen_whole(browser, header)["text"]) == \
+        f"What to fix: {len(lost)} of {len(grades)} checks lost points"
+    items = browser.find_elements(By.CSS_SELECTOR, "li.tp-check")
+    assert sorted(e.get_attribute("data-grade-id") for e in items) == sorted(lost)
+    for item in items:
+        score, points = lost[item.get_attribute("data-grade-id")]
+        badge = item.find_element(By.CSS_SELECTOR, ".tp-lost")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", badge)
+        assert badge.is_displayed() and browser.execute_script(_UNCOVERED, badge), badge.text
+        assert badge.text == f"(Score: {score:g} / {points:g})"
+    browser.shot("feedback-defacer-summary")
+    # what the cell printed and raised, shown as text: the markup itself, the class name too
+    verdict = browser.find_element(
+        By.XPATH, "//pre[contains(@class,'tp-verdict')][contains(., 'All checks passed')]")
+    assert _words(_on_screen_whole(browser, verdict)["text"]).startswith(_words(MARKUP) + ":")
+    assert browser.find_elements(
+        By.XPATH, "//div[contains(@class,'output_stdout')]//pre[contains(., '<script>')]")
+    browser.shot("feedback-defacer-cell")
+    from nbgrader.api import Gradebook
+    with Gradebook(course.db_url) as gb:
+        sub_id = gb.find_submission_notebook("tp_linear", "tp_linear", DEFACER).id
+    _open(browser, server, f"formgrader/submissions/{sub_id}/")
+    _wait(browser, lambda: browser.execute_script(
+        "return document.readyState === 'complete'"))
+    _nothing_ran(browser)
+    browser.shot("formgrader-defacer")

@@ -37,6 +37,8 @@ def test_the_course_config_serialises_and_nbgrader_can_import_every_entry():
         for entry in entries:
             import_item(entry)
     import_item(c.GenerateFeedback.exporter_class)
+    for entry in c.HTMLExporter.filters.values():     # the pages' markdown filter
+        import_item(entry)
 
 
 _FORMGRADER_PANEL = """

@@ -216,11 +216,19 @@ def test_garbage_on_the_wire_ends_that_student_not_the_judge(student):
 
 
 def test_a_message_over_the_limit_is_refused(tmp_path):
+    """The student's process applies the judge's limits to what it sends: a value over them
+    fails that call, with the reason, and the process goes on (tests/test_wire.py: a frame
+    forged past them ends it)."""
     big = session.start(str(tmp_path), Judge(timeout=10, max_message_mb=1))
     try:
-        _run(big, "import numpy as np\ndef huge():\n    return np.zeros(1 << 20)\n")
-        with pytest.raises(StudentGone, match="over the limit"), big.cell_limit("test"):
+        _run(big, "import numpy as np\ndef huge():\n    return np.zeros(1 << 20)\n"
+                  "def small():\n    return np.zeros(4)\n")
+        with pytest.raises(RuntimeError, match="over the limit of 1 MiB") as caught, \
+                big.cell_limit("test"):
             _fn(big, "huge")()
+        assert type(caught.value).__name__ == "ProtocolError"
+        with big.cell_limit("next"):
+            assert np.array_equal(_fn(big, "small")(), np.zeros(4))
     finally:
         big.close()
 

@@ -123,7 +123,7 @@ def test_a_judged_cell_on_a_busy_machine_keeps_its_limit(tmp_path):
 
 def test_a_judged_cell_that_waits_forever_is_stopped_long_before_the_backstop(tmp_path):
     student = session.start(str(tmp_path), Judge(timeout=5, interrupt_grace=2),
-                            limits=TimeLimits(stall_seconds=1.0))
+                            time_limits=TimeLimits(stall_seconds=1.0))
     try:
         start = time.monotonic()
         with pytest.raises(CellTimeout, match="computed nothing") as caught:
@@ -163,7 +163,7 @@ def test_a_test_that_timed_out_on_the_clock_alone_is_judged_again():
     program = ("import os, time\ndef f():\n    if not os.path.exists('seen'):\n"
                "        open('seen', 'w').close()\n        time.sleep(10**6)\n    return 1\n")
     result = local.judge(_notebook(program, ["assert f() == 1"]), timeout=5,
-                         interrupt_grace=2, limits=TimeLimits(stall_seconds=1.0))
+                         interrupt_grace=2, time_limits=TimeLimits(stall_seconds=1.0))
     assert result.failed == {}
     assert "judged this test again" in result.outputs["test_0"][0].text
 
@@ -171,7 +171,8 @@ def test_a_test_that_timed_out_on_the_clock_alone_is_judged_again():
 def test_tests_lost_when_loops_killed_the_process_are_judged_again_and_loops_are_not():
     program = "def loop():\n    while True:\n        pass\ndef ok():\n    return 1\n"
     result = local.judge(_notebook(program, ["loop()", "loop()", "assert ok() == 1"]),
-                         timeout=1, interrupt_grace=2, limits=TimeLimits(wall_factor=30))
+                         timeout=1, interrupt_grace=2,
+                         time_limits=TimeLimits(wall_factor=30))
     assert set(result.failed) == {"test_0", "test_1"}
     assert all("CPU time" in result.failed[t] for t in ("test_0", "test_1"))
     assert "judged this test again" in result.outputs["test_2"][0].text

@@ -23,6 +23,8 @@ CHECK_TESTS = _PP + "check_tests.CheckTestCells"
 SELF_CHECK = _PP + "self_check.SelfCheck"
 FEEDBACK_SUMMARY = _PP + "feedback_summary.FeedbackSummary"
 REFERENCE_HOOK = "tpgrader.reference.autograde_hook"
+# The filter every markdown render of nbgrader's and nbconvert's HTML templates goes through.
+MARKDOWN_HTML = {"strip_files_prefix": "tpgrader.pages.student_html.markdown_html"}
 
 
 def configure(c) -> None:
@@ -38,7 +40,9 @@ def configure(c) -> None:
     - generate_feedback: FeedbackSummary after GetGrades, rendered by FeedbackExporter with
       the `tp_feedback` template (tpgrader/pages);
     - every HTML page nbgrader renders (the formgrader's too): the course's CSS (PageStyle,
-      added through a template conf.json in tpgrader/pages/style).
+      added through a template conf.json in tpgrader/pages/style), only the outputs a page may
+      show (StudentContent, added the same way) and markdown cleaned as it renders
+      (tpgrader.pages.student_html: no script, style or page class from a student).
     """
     from nbgrader.converters import Autograde, GenerateAssignment, GenerateFeedback
     from .pages import PAGES, nbgrader_templates
@@ -62,6 +66,14 @@ def configure(c) -> None:
     paths = [str(p) for p in c.HTMLExporter.get("extra_template_paths") or []]
     c.HTMLExporter.extra_template_paths = paths + [p for p in [str(PAGES / "style")]
                                                    if p not in paths]
+    c.HTMLExporter.filters = {**(c.HTMLExporter.get("filters") or {}), **MARKDOWN_HTML}
+    # nbconvert's own switch too, where its templates honour it (outputs, a notebook's widget
+    # state); it does not reach nbgrader's markdown, hence the filter above
+    c.HTMLExporter.sanitize_html = True
+    # A kernel can send an execution count of any type (nbclient stores it unchecked): nbconvert
+    # would refuse the notebook after its first preprocessor, before StudentContent, which
+    # makes it valid, has run; validated once, after all of them, the page renders.
+    c.HTMLExporter.optimistic_validation = True
     _server_extensions_as_data(c)
 
 

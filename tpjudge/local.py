@@ -38,13 +38,14 @@ def with_answers(source_nb, answers=None, release=False):
     return nb
 
 
-def judge(nb, timeout=30, limits=None, **settings) -> Result:
-    """`timeout`: CPU seconds per cell; `limits`: a tpsandbox.TimeLimits (the stall and the
-    wall-clock backstop); `settings`: other c.Judge settings."""
+def judge(nb, timeout=30, time_limits=None, **settings) -> Result:
+    """`timeout`: CPU seconds per cell; `time_limits`: a tpsandbox.TimeLimits (the stall and
+    the wall-clock backstop); `settings`: other c.Judge settings."""
     config = Judge(timeout=timeout, **settings)
     with tempfile.TemporaryDirectory(prefix="tpjudge-local-") as workdir:
-        verdicts = notebook.judge(nb, lambda: session.start(workdir, config, limits=limits),
-                                  rerun=config.rerun_timeouts)
+        verdicts = notebook.judge(
+            nb, lambda: session.start(workdir, config, time_limits=time_limits),
+            rerun=config.rerun_timeouts)
     result = Result()
     for index, outputs in verdicts.items():
         gid = grade_id(nb.cells[index])

@@ -2,20 +2,22 @@
 student's cells there, call the student's functions, and carry out what they ask of the judge.
 
 Nothing the student's process sends is run or unpickled here: its messages are data
-(tpjudge.wire), bounded in size, and every wait on it is bounded in time. A cell's limit is
-counted in the CPU time of the student's process tree (tpsandbox.cputime: a busy grader makes
-a cell take longer, not fail), with a stop for code that computes nothing while the judge waits
-for it and a wall-clock backstop. A request that runs past its cell's limit is interrupted (a
-KeyboardInterrupt in the student's main thread, as a kernel interrupt); if the process does not
-answer within the grace period, or two cells in a row run past their limits, it is killed, and
-every later request fails with the reason. So it is when the notebook's grading budget (shared
-with its kernel) is used up.
+(tpjudge.wire), bounded in size (the settings' limits, which that process applies to what it
+sends too), and every wait on it, receiving and decoding a reply included, is bounded in time.
+A cell's limit is counted in the CPU time of the student's process tree (tpsandbox.cputime: a
+busy grader makes a cell take longer, not fail), with a stop for code that computes nothing
+while the judge waits for it and a wall-clock backstop. A request that runs past its cell's
+limit is interrupted (a KeyboardInterrupt in the student's main thread, as a kernel
+interrupt); if the process does not answer within the grace period, or two cells in a row run
+past their limits, it is killed, and every later request fails with the reason. So it is when
+the notebook's grading budget (shared with its kernel) is used up, and when a reply is not
+valid data (over the limits, not of the grammar, or still being decoded a grace period after
+it came), with what was wrong.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -53,11 +55,12 @@ class StudentObject:
 class Student:
     """One student's program, running in a sandboxed process of its own."""
 
-    def __init__(self, proc, channel, control, settings, scratch=None, limits=None, budget=None):
+    def __init__(self, proc, channel, control, settings, scratch=None, time_limits=None,
+                 budget=None):
         self.proc, self.channel, self.control = proc, channel, control
         self.settings, self.scratch = settings, scratch
         self.timeout = settings.timeout
-        self.limits, self.budget = limits or TimeLimits(), budget
+        self.limits, self.budget = time_limits or TimeLimits(), budget
         self.meter = cputime.Meter(proc.pid)        # the CPU time of its whole process tree
         if budget is not None:
             budget.add(self.meter)
@@ -111,7 +114,7 @@ class Student:
         self.interrupted = True          # no second interrupt: past the grace, a kill
         self.clock = self._grace()
         try:
-            self.channel.send({"op": "settle", "interrupts": self.interrupts})
+            self._send({"op": "settle", "interrupts": self.interrupts})
         except OSError:
             self._lost("its connection closed")
         reply = self._receive()
@@ -178,7 +181,7 @@ class Student:
 
     def _converse(self, message) -> dict:
         try:
-            self.channel.send(message, callbacks=self._callbacks)
+            self._send(message, callbacks=self._callbacks)
         except OSError:
             self._lost("its connection closed")
         while True:
@@ -196,44 +199,56 @@ class Student:
             else:
                 self._lost(f"it sent something that is not a message ({op!r})")
 
+    def _send(self, message, callbacks=None) -> None:
+        """A message to the student's process, which has until the cell's wall-clock backstop
+        and its grace to take it (its socket's state from the last receive does not apply)."""
+        left = max(self.clock.wall_left(), 0.0)
+        try:
+            self.channel.send(message, callbacks, timeout=left + self.settings.interrupt_grace)
+        except TimeoutError:
+            self._lost(f"it did not take the judge's message within the time limit of "
+                       f"{self.cell}")
+
     def _receive(self):
         """The next message, while the student's code works: checked against the running
         limit (self.clock) whenever no message has come for one of its intervals."""
         self.clock.waiting()
         while True:
-            if self._readable(self.clock.interval()):
-                try:     # a message under way arrives whole, within the clock's backstop
-                    reply = self.channel.receive(timeout=max(self.clock.wall_left(), 1.0))
-                except TimeoutError:
-                    self.kill(f"it began a message and did not finish it in {self.cell}")
-                    raise StudentGone(self.gone) from None
-                except (EOFError, wire.ProtocolError) as exc:
-                    self._lost(str(exc) if isinstance(exc, wire.ProtocolError) else "")
-                if isinstance(reply, dict):
-                    self._collect_output(reply)
-                return reply
-            why = self.clock.check()
-            if why is None:
+            try:    # a reply has the grace period to be decoded, however late the judge is
+                reply = self.channel.receive(timeout=self.clock.interval(),
+                                             decode_within=self.settings.interrupt_grace)
+            except TimeoutError:       # what came of a message is kept for the next call
+                self._check_clock()
                 continue
-            if why.kind == "budget":
-                self.kill(f"the student's code {why.text} (in {self.cell}): nothing more of "
-                          "this notebook is run", kind="budget")
-                raise StudentGone(self.gone)
-            if not self.interrupted:
-                self.interrupted, self.expired = True, why
-                self._interrupt()
-                self.clock = self._grace()
-                continue
-            after = f" after it {self.expired.text}" if self.expired else ""
-            self.kill(f"it did not stop within {self.settings.interrupt_grace:g} s of an "
-                      f"interrupt{after} in {self.cell}", kind="timeouts")
-            raise StudentGone(self.gone) from None
+            except EOFError:
+                self._lost("")
+            except wire.ProtocolError as exc:
+                self.kill(f"the student's process was stopped in {self.cell}: the reply was not "
+                          f"valid data: {exc}")
+                raise StudentGone(self.gone) from None
+            if isinstance(reply, dict):
+                self._collect_output(reply)
+            return reply
 
-    def _readable(self, seconds: float) -> bool:
-        try:
-            return bool(select.select([self.channel.sock], [], [], seconds)[0])
-        except (OSError, ValueError):     # closed: receive() says how
-            return True
+    def _check_clock(self) -> None:
+        """No message yet: has the running limit run out? Past a cell's limit, an interrupt;
+        past the grace after it, or past the notebook's budget, the process is killed."""
+        why = self.clock.check()
+        if why is None:
+            return
+        if why.kind == "budget":
+            self.kill(f"the student's code {why.text} (in {self.cell}): nothing more of this "
+                      "notebook is run", kind="budget")
+            raise StudentGone(self.gone)
+        if not self.interrupted:
+            self.interrupted, self.expired = True, why
+            self._interrupt()
+            self.clock = self._grace()
+            return
+        after = f" after it {self.expired.text}" if self.expired else ""
+        self.kill(f"it did not stop within {self.settings.interrupt_grace:g} s of an "
+                  f"interrupt{after} in {self.cell}", kind="timeouts")
+        raise StudentGone(self.gone)
 
     def _answer(self, request) -> None:
         """A collective or a callback the student's code asked for, carried out here."""
@@ -251,9 +266,12 @@ class Student:
                 value = self._callbacks[number](*args, **kwargs)
             answer = {"op": "return", "value": value}
         except Exception as exc:  # noqa: BLE001 - the student's code sees it, as it would
-            answer = {"op": "raise", "error": {"ename": type(exc).__name__, "evalue": str(exc)}}
+            answer = _raise(exc)
         try:
-            self.channel.send(answer)
+            try:
+                self._send(answer)
+            except wire.ProtocolError as exc:     # e.g. a gathered result over the limits
+                self._send(_raise(exc))
         except OSError:
             self._lost("its connection closed")
 
@@ -302,7 +320,7 @@ class Student:
     def close(self) -> None:
         if self.gone is None:
             with contextlib.suppress(OSError):
-                self.channel.send({"op": "bye"})
+                self._send({"op": "bye"})
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=2)
         self.kill("closed")
@@ -310,6 +328,11 @@ class Student:
             sock.close()
         if self.scratch is not None:
             self.scratch()
+
+
+def _raise(exc: Exception) -> dict:
+    """The answer that raises `exc` in the student's code."""
+    return {"op": "raise", "error": {"ename": type(exc).__name__, "evalue": str(exc)}}
 
 
 def _remote_ref(obj, encoder):
@@ -336,16 +359,18 @@ def _copy_back(sent, returned, depth=0) -> None:
 
 
 def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanup=None,
-          preexec=None, limits=None, budget=None) -> Student:
+          preexec=None, time_limits=None, budget=None) -> Student:
     """Start a student's process working in `workdir` (its sandbox: `wrap(argv) -> argv`, or
-    none; `preexec`: Popen's preexec_fn), and wait until it is ready. `limits`: the
+    none; `preexec`: Popen's preexec_fn), and wait until it is ready. `time_limits`: the
     TimeLimits (c.TimeLimits.*); `budget`: the notebook's cputime.Budget, shared with its
     kernel. Raises StudentGone when it cannot start: that is the grader's problem (no student
     code has run yet), with the process's own words."""
     judge_end, student_end = socket.socketpair()
     control, control_end = socket.socketpair()
+    limits = wire.Limits(max_bytes=settings.max_message_mb << 20,
+                         max_header=settings.max_header_kb << 10, max_items=settings.max_items)
     argv = [sys.executable, "-m", "tpjudge.student", str(student_end.fileno()),
-            str(control_end.fileno())]
+            str(control_end.fileno()), limits.argument()]
     log_path = Path(scratch or workdir).parent / "judge-start.log" if scratch else None
     log = open(log_path, "w+") if log_path else subprocess.DEVNULL
     try:
@@ -356,8 +381,8 @@ def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanu
     finally:
         student_end.close()
         control_end.close()
-    channel = wire.Channel(judge_end, max_bytes=settings.max_message_mb << 20)
-    student = Student(proc, channel, control, settings, cleanup, limits, budget)
+    channel = wire.Channel(judge_end, limits=limits)
+    student = Student(proc, channel, control, settings, cleanup, time_limits, budget)
     try:
         student.wait_ready()
     except StudentGone as exc:

@@ -31,7 +31,25 @@ class Judge(Configurable):
                             ).tag(config=True)
     startup_timeout = Integer(120, help="Seconds of CPU time the student's process may take to "
                               "start.").tag(config=True)
-    max_message_mb = Integer(256, help="Largest message the student's process may send, MiB."
-                             ).tag(config=True)
+    # The limits of one message between the judge and the student's process (tpjudge.wire):
+    # each side refuses to send what is over them (a failed call, whose message the student
+    # sees) and to read it (a reply over them is a forged one: that student's process ends).
+    # The largest message of the course's catalogue is 23 KB, 1.4 KB of header, 86 values
+    # (700, 180 and 1000 times less than the defaults); a reply within the defaults costs the
+    # grader at most ~70 MB while it is decoded (a 16 MiB text whose characters take 4 bytes
+    # each) and ~0.05 s of CPU (bench/wire_bench.py).
+    max_message_mb = Integer(16, min=1, help=(
+        "Largest message between the judge and the student's process, MiB: the arrays, the "
+        "text (output, messages) and the structure of one reply, e.g. one float64 array of up "
+        "to 2 million values. A reply may take up to about 4 times this in the grader's "
+        "memory while it is decoded.")).tag(config=True)
+    max_header_kb = Integer(256, min=1, help=(
+        "Largest structure of one message, KiB: its lists, dicts, Python numbers and short "
+        "strings (arrays and long strings do not count), e.g. a list of about 10,000 Python "
+        "floats. Decoding it may take up to about 20 times this in the grader's memory."
+        )).tag(config=True)
+    max_items = Integer(100_000, min=1, help=(
+        "Most values in one message: each number, string, array, list and dict entry counts "
+        "one.")).tag(config=True)
     max_output_bytes = Integer(200_000, help="Output of the student's code kept per test cell."
                                ).tag(config=True)

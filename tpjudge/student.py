@@ -1,5 +1,7 @@
 """The process a student's code runs in while the judge grades it: `python -m tpjudge.student
-FD CONTROL_FD`, started by the judge (tpjudge.session) inside the grading sandbox.
+FD CONTROL_FD [LIMITS]`, started by the judge (tpjudge.session) inside the grading sandbox;
+LIMITS are the judge's (wire.Limits.argument()), so that a value over them fails here, as the
+student's code's error, instead of reaching the judge as a reply it refuses.
 
 It runs the cells the judge sends (the course's given cells and the student's solution cells,
 in notebook order) in one namespace, calls the student's functions when asked, and answers
@@ -289,9 +291,10 @@ class Interrupts:
 
 
 def main(argv=None) -> None:
-    fd, control_fd = (int(a) for a in (argv or sys.argv[1:])[:2])
-    channel = wire.Channel(socket.socket(fileno=fd))
-    control = socket.socket(fileno=control_fd)
+    fd, control_fd, *limits = (argv or sys.argv[1:])[:3]
+    channel = wire.Channel(socket.socket(fileno=int(fd)),
+                           limits=wire.Limits.parse(limits[0]) if limits else None)
+    control = socket.socket(fileno=int(control_fd))
     runner = Runner(channel, Output(), Interrupts(control))
     # Interrupts arrive as SIGINT, which does nothing while it is ignored, and a grader started
     # as a script's background job ignores it and passes that on: take Python's own handler.

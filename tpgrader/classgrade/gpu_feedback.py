@@ -21,6 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..student_text import plain
+
 BEGIN, END = "<!-- tp:gpu-report -->", "<!-- /tp:gpu-report -->"
 _SECTION = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
 FILES = ("report.json", "timing.png")
@@ -50,23 +52,32 @@ def attach(root, assignment: str, reports=None, students=None) -> list[str]:
 
 
 def section(report: dict, plot: Path) -> str:
-    """The HTML shown at the top of the feedback page."""
-    sizes = ", ".join(str(s) for s in report.get("world_sizes", []))
-    head = (f"Graded on real ranks by the gpu_runner ({html.escape(str(report.get('backend')))}, "
-            f"world sizes {sizes}): {report.get('score', 0):g} / {report.get('max_score', 0):g}."
+    """The HTML shown at the top of the feedback page. Every value is shown as text (a fault's
+    reason can quote what a rank raised): plain (tpgrader.student_text), then escaped."""
+    sizes = ", ".join(_text(s) for s in report.get("world_sizes", []))
+    head = (f"Graded on real ranks by the gpu_runner ({_text(report.get('backend'))}, "
+            f"world sizes {sizes}): {_number(report.get('score', 0))} / "
+            f"{_number(report.get('max_score', 0))}."
             f" The whole report is in gpu_report/report.json next to this page.")
-    faults = [f"{f.get('unit')}: {f.get('reason')}" for f in report.get("faults", [])]
+    faults = [_text(f"{f.get('unit')}: {f.get('reason')}") for f in report.get("faults", [])]
     parts = [BEGIN, '<div class="tp-gpu-report">', "<h5>Real ranks: compute vs communication</h5>",
              f"<p>{head}</p>"]
     if faults:
-        parts.append("<p>Faults:</p><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in faults)
-                     + "</ul>")
+        parts.append("<p>Faults:</p><ul>" + "".join(f"<li>{f}</li>" for f in faults) + "</ul>")
     if plot.is_file():
         data = base64.b64encode(plot.read_bytes()).decode()
         parts.append(f'<img alt="compute and communication time per layer and world size" '
                      f'src="data:image/png;base64,{data}">')
     parts += ["</div>", END]
     return "\n".join(parts)
+
+
+def _text(value) -> str:
+    return html.escape(plain(value))
+
+
+def _number(value) -> str:
+    return f"{value:g}" if type(value) in (int, float) else _text(value)
 
 
 def with_section(page: str, new: str) -> str:

@@ -1,5 +1,8 @@
-"""The per-student table printed at the end of a class run."""
+"""The per-student table printed at the end of a class run. A student's name and an error's
+text are shown plain (tpgrader.student_text): no escape sequence reaches the terminal."""
 from __future__ import annotations
+
+from ..student_text import one_line, plain
 
 
 def counts(outcome) -> tuple[float, float, int]:
@@ -19,18 +22,19 @@ def _cells(names) -> str:
 
 
 def table(outcomes) -> str:
-    width = max([len("student")] + [len(o.student) for o in outcomes])
+    names = {id(o): one_line(o.student, 60) for o in outcomes}
+    width = max([len("student")] + [len(n) for n in names.values()])
     lines = [f"{'student':<{width}}  {'status':<9}  {'score':>13}  {'failed tests':>12}  "
              f"{'flagged':<8}  {'tests changed':<13}  error"]
     for o in outcomes:
         score, top, failed = counts(o)
         shown = f"{score:g} / {top:g}" if o.scores else "-"
         status = "timed out" if o.timed_out else o.status
-        err = o.error.splitlines()[0][:70] if o.error else (
+        err = one_line((plain(o.error).strip().splitlines() or [""])[0], 70) if o.error else (
             f"grading budget used up: {', '.join(o.timed_out)}" if o.timed_out else "")
         # flagged: cells whose code reaches for the grader; tests changed: test cells missing
         # from the submission or changed in it (put back and judged). No points lost by either.
-        lines.append(f"{o.student:<{width}}  {status:<9}  {shown:>13}  {failed:>12}  "
+        lines.append(f"{names[id(o)]:<{width}}  {status:<9}  {shown:>13}  {failed:>12}  "
                      f"{_cells(o.flagged):<8}  {_cells(o.changed_tests):<13}  {err}")
     graded = sum(o.status == "graded" for o in outcomes)
     same = sum(o.status == "unchanged" for o in outcomes)

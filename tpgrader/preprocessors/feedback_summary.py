@@ -21,18 +21,14 @@ from traitlets import Bool
 from tpjudge.cells import grade_id, meta
 
 from ..pages import with_page_css
+from ..student_text import plain
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # A frame in a traceback, as IPython (`File /path/x.py:12, in f()`) or Python
 # (`File "/path/x.py", line 12, in f`) writes it.
 _FRAME_FILE = re.compile(r'^\s*File\s+"?([^",:\n]+)')
 GRADER_PACKAGES = ("tpgrade", "tpjudge", "tpsim", "tpgrader", "tpsandbox", "gpu_runner")
 _INTERNAL = re.compile(r"[/\\](%s)[/\\]" % "|".join(GRADER_PACKAGES))
 _HIDDEN_PREFIX = re.compile(r"^(hidden test|test)\s*:\s*", re.I)
-
-
-def plain(text: str) -> str:
-    return _ANSI.sub("", text or "")
 
 
 def is_internal_frame(entry: str) -> bool:
@@ -47,10 +43,10 @@ def title(cell) -> str:
     for line in cell.source.splitlines():
         text = line.strip()
         if cell.cell_type == "code" and text.startswith("#") and not text.startswith("###"):
-            return _HIDDEN_PREFIX.sub("", text.lstrip("#").strip())
+            return plain(_HIDDEN_PREFIX.sub("", text.lstrip("#").strip()))
         if cell.cell_type == "markdown" and text.startswith("#"):
             text = text.lstrip("#").replace("`", "").replace("**", "").strip()
-            return re.sub(r"\s*\(\s*%s\b[^)]*\)\s*$" % re.escape(gid), "", text)
+            return plain(re.sub(r"\s*\(\s*%s\b[^)]*\)\s*$" % re.escape(gid), "", text))
     return ""
 
 
@@ -59,7 +55,7 @@ def verdict(cell) -> str:
     parts = []
     for out in cell.get("outputs", []):
         if out.output_type == "error":
-            parts.append(f"{out.ename}: {plain(out.evalue)}")
+            parts.append(f"{plain(out.ename)}: {plain(out.evalue)}")
         elif out.output_type == "stream" and out.name == "stderr":
             parts.append("wrote to stderr (a test that writes to stderr fails):\n"
                          + plain(out.text).strip())
@@ -90,7 +86,7 @@ class FeedbackSummary(Preprocessor):
             is_task = bool(m.get("task"))
             explanation = ""
             if failed:
-                explanation = (m.get("comment") or "") if is_task or m.get("solution") \
+                explanation = plain(m.get("comment")) if is_task or m.get("solution") \
                     else verdict(cell)
             checks.append({
                 "grade_id": grade_id(cell), "title": title(cell),

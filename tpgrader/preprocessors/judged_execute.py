@@ -154,7 +154,7 @@ class JudgedExecute(SandboxedExecute):
         try:
             student = session.start(workdir, self._settings(), wrap=confine, scratch=scratch,
                                     cleanup=cleanup, preexec=tied_child() if confine else None,
-                                    limits=self.limits, budget=budget)
+                                    time_limits=self.limits, budget=budget)
             if budget is not None:
                 self._students.append(student)
             return student
