@@ -9,9 +9,13 @@ c = get_config()  # noqa: F821 (provided by nbgrader when it loads this file)
 c.CourseDirectory.course_id = "tp101"
 c.CourseDirectory.root = __import__("os").path.dirname(__import__("os").path.abspath(__file__))
 
-# The exercises run in well under a second per cell; 30 s leaves room for a slow, loaded grader
-# while bounding an infinite loop. On timeout the kernel is interrupted, the cell gets a
-# CellTimeoutError, and the remaining cells still run (so only the affected tests lose points).
+# Seconds of CPU time each cell's student code may use (tpsandbox.cputime: its whole process
+# tree; a busy grader makes a cell take longer on the clock, not time out). The exercises use
+# well under a second per cell. A cell that computes nothing for c.TimeLimits.stall_seconds
+# (20) is stopped too, and c.TimeLimits.wall_factor (5) times this on the clock is the backstop.
+# On timeout the cell is interrupted, gets a CellTimeoutError, and the remaining cells still
+# run (so only the affected tests lose points). A notebook's student code may use
+# c.TimeLimits.notebook_cpu_seconds (600) in all.
 c.Execute.timeout = 30
 c.Execute.interrupt_on_timeout = True
 

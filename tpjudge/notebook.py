@@ -51,13 +51,13 @@ def harness_modules(nb) -> list[str]:
 def judge(nb, start_student, rerun: bool = True) -> dict[int, list]:
     """{index of each test cell: its outputs}. `start_student()` -> a started Student.
 
-    A test cell that timed out on the clock alone (the wall-clock backstop, or computing
-    nothing), or that was never judged because the student's process had been killed after
-    timeouts, is judged once more (`rerun`), after the others, in a fresh process that runs
-    the program cells again: a busy moment of the grader passes, and code after a loop gets
-    its chance. A cell past its CPU-time limit is not rerun (CPU time does not depend on how
-    busy the machine is: it would use its limit again), nor anything once the notebook's
-    grading budget is used up."""
+    A test cell that timed out on the clock alone (the wall-clock backstop: a busy moment of
+    the grader may explain it), or that was never judged because test cells before it timed
+    out and the student's process was killed, is judged once more (`rerun`), after the
+    others, in a fresh process that runs the program cells again. Not rerun: a cell past its
+    CPU-time limit or that computed nothing (neither depends on how busy the machine is: it
+    would do the same again), cells lost to a program cell that ended the process (the replay
+    would end it again), anything once the notebook's grading budget is used up."""
     tests = {i for i, c in enumerate(nb.cells) if is_test(c)}
     if not tests:
         return {}
@@ -77,6 +77,7 @@ def _walk(nb, start_student, tests):
     "timeouts", "budget" or None)."""
     student = start_student()
     verdicts, again = {}, {}
+    ended_by_program = False       # a program cell ended the process: a replay would too
     try:
         modules = harness_modules(nb)
         if modules:
@@ -84,14 +85,17 @@ def _walk(nb, start_student, tests):
                 student.preload(modules)
         for index, cell in enumerate(nb.cells):
             if index in tests:
-                lost = student.gone if student.gone_kind == "timeouts" else None
+                lost = (student.gone if student.gone_kind == "timeouts"
+                        and not ended_by_program else None)
                 verdicts[index], error = _judged(student, cell.source,
                                                  grade_id(cell) or f"cell-{index}")
                 why = _rerun_reason(error, lost, student)
                 if why:
                     again[index] = why
             elif cell.cell_type == "code" and (is_given(cell) or is_solution(cell)):
+                running = student.gone is None
                 _run_program_cell(student, grade_id(cell) or f"cell-{index}", cell.source)
+                ended_by_program = ended_by_program or (running and student.gone is not None)
     finally:
         student.close()
     return verdicts, again, student.gone_kind
@@ -105,7 +109,7 @@ def _rerun_reason(error, lost, student) -> str:
     expired = error.expired if isinstance(error, CellTimeout) else (
         student.expired if isinstance(error, StudentGone) and student.gone_kind == "timeouts"
         else None)
-    if expired is not None and expired.kind in ("wall", "stall"):
+    if expired is not None and expired.kind == "wall":
         return f"the student's code {expired.text}"
     return ""
 

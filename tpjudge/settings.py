@@ -21,10 +21,10 @@ class Judge(Configurable):
                       "backstop); 0: the same as c.Execute.timeout.").tag(config=True)
     rerun_timeouts = Bool(True, help=(
         "Judge once more, in a fresh student process after the notebook's other tests, each "
-        "test that timed out on the clock alone (the wall-clock backstop, or computing "
-        "nothing) or was never judged because the process had been killed after timeouts. "
-        "A test past its CPU-time limit is not rerun: CPU time does not depend on load."
-    )).tag(config=True)
+        "test that timed out on the clock alone (the wall-clock backstop, which load may "
+        "explain) or was never judged because tests before it timed out and the process was "
+        "killed. A test past its CPU-time limit, or that computed nothing, is not rerun: "
+        "neither depends on load.")).tag(config=True)
     interrupt_grace = Float(cputime.INTERRUPT_GRACE, help="After an interrupt, the student's "
                             "process is killed when it has not answered once it has used this "
                             "many seconds of CPU time, or computed nothing for as long."
