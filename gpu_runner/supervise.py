@@ -14,8 +14,8 @@ re-parented away from us. This small process therefore:
 - after the job ends or the limit passes, SIGKILLs every descendant, then every process of
   this user still carrying the tag, and reaps them;
 - dies with its parent (PR_SET_PDEATHSIG), cleaning up on the way (SIGTERM handler).
-It writes {"rc", "timed_out", "why", "seconds", "killed"} to --result. It is a separate process so the
-grader (or pytest) that calls it never becomes a subreaper itself.
+It writes {"rc", "timed_out", "why", "seconds", "killed"} to --result. It is a separate process
+so the grader (or pytest) that calls it never becomes a subreaper itself.
 """
 from __future__ import annotations
 

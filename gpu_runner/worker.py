@@ -6,9 +6,9 @@
 Every rank appends JSON lines to DIR/rank<R>.jsonl, flushed as it goes, so whatever happens
 to the job the launcher knows which units finished: "start" and "end" per unit (with what the
 unit observed, gpu_runner.observe: data only, judged in the grader by gpu_runner.judge),
-"watchdog" when a unit ran past --step-timeout of CPU time (then the rank exits), "abort" when the group
-gave up after a collective failed, "env_error" when the process groups could not be set up,
-"bye" on a clean exit.
+"watchdog" when a unit ran past --step-timeout of CPU time (then the rank exits), "abort" when
+the group gave up after a collective failed, "env_error" when the process groups could not be
+set up, "bye" on a clean exit.
 
 Order: the rank's GPU is selected (NCCL), the process groups are created and warmed up (one
 collective each), and only then is the student's module imported: a set-up that hangs or fails

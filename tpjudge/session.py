@@ -60,7 +60,7 @@ class Student:
         self.proc, self.channel, self.control = proc, channel, control
         self.settings, self.scratch = settings, scratch
         self.timeout = settings.timeout
-        self.limits, self.budget = time_limits or TimeLimits(), budget
+        self.time_limits, self.budget = time_limits or TimeLimits(), budget
         self.meter = cputime.Meter(proc.pid)        # the CPU time of its whole process tree
         if budget is not None:
             budget.add(self.meter)
@@ -75,8 +75,8 @@ class Student:
         self._callbacks: list = []
 
     def _limit(self, cpu_seconds, stall=None) -> cputime.Limit:
-        return cputime.Limit(self.meter, cpu_seconds, wall_factor=self.limits.wall_factor,
-                             stall=self.limits.stall_seconds if stall is None else stall,
+        return cputime.Limit(self.meter, cpu_seconds, wall_factor=self.time_limits.wall_factor,
+                             stall=self.time_limits.stall_seconds if stall is None else stall,
                              budget=self.budget)
 
     def _grace(self) -> cputime.Limit:
