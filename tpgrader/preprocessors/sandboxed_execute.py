@@ -153,7 +153,8 @@ class SandboxedExecute(Execute):
         return f"the student's code {self.budget.spent.text}: nothing more of it is run"
 
     def _name_the_timeout(self, cell) -> None:
-        """The interrupt a limit caused shows as the cell's CellTimeoutError, saying which."""
+        """The interrupt a limit caused shows as the cell's CellTimeoutError, saying which (a
+        cell that finished as its limit ran out, before the interrupt, keeps its outputs)."""
         if self._expired is None:
             for out in cell.get("outputs", []):      # nbclient's own: the wall-clock backstop
                 if out.get("ename") == "CellTimeoutError" and not out.get("evalue"):
@@ -169,7 +170,6 @@ class SandboxedExecute(Execute):
                                                evalue=text,
                                                traceback=[*frames, f"CellTimeoutError: {text}"])
                 return
-        cell.outputs.append(_error("CellTimeoutError", text))
 
     def _after_timeout(self, cell, index):
         """A second timeout in a row means the interrupt did not work (SIGINT ignored, stuck in
