@@ -46,6 +46,8 @@ class Hostile:
     must_lose: frozenset = frozenset()
     tamper: bool = False        # also rewrite every test cell (nbgrader must restore them)
     slow: bool = False          # costs one or two cell timeouts
+    sandbox_only: bool = False  # kills, exhausts or reaches the grading machine: graded only
+                                # in the sandbox, never in-process (tpcourse.catalogue)
 
 
 # A port on the grader's own loopback where the hostile tests run a listener. Only loopback:
@@ -65,17 +67,19 @@ HOSTILE = [
             "import sys\nsys.exit(1)\n", "cell", r"SystemExit"),
     Hostile("h_kill_parent", "os.kill(os.getppid(), SIGKILL): would kill stock nbgrader",
             "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", "cell",
-            r"PermissionError|Operation not permitted"),
+            r"PermissionError|Operation not permitted", sandbox_only=True),
     Hostile("h_kill_group", "SIGKILL to its own process group",
-            "import os, signal\nos.killpg(0, signal.SIGKILL)\n", "dies", r"kernel died"),
+            "import os, signal\nos.killpg(0, signal.SIGKILL)\n", "dies", r"kernel died",
+            sandbox_only=True),
     Hostile("h_memory_grab", "allocates twice the memory limit",
-            f"import numpy as np\n_hog = np.ones({_TWICE_LIMIT} // 8)\n", "cell", r"MemoryError"),
+            f"import numpy as np\n_hog = np.ones({_TWICE_LIMIT} // 8)\n", "cell", r"MemoryError",
+            sandbox_only=True),
     Hostile("h_process_storm", "forks up to 3000 children (each exits after 2 s), then stops",
             "import os, time\n_kids = []\ntry:\n    for _ in range(3000):\n"
             "        _pid = os.fork()\n        if _pid == 0:\n            time.sleep(2)\n"
             "            os._exit(0)\n        _kids.append(_pid)\nfinally:\n"
             "    for _pid in _kids:\n        os.waitpid(_pid, 0)\n", "cell",
-            r"BlockingIOError|Resource temporarily unavailable"),
+            r"BlockingIOError|Resource temporarily unavailable", sandbox_only=True),
     Hostile("h_stdout_flood", "prints 20 MB, then answers correctly",
             "import sys\nfor _ in range(20000):\n    sys.stdout.write('x' * 1000 + '\\n')\n",
             "none", r"output truncated"),
@@ -120,17 +124,17 @@ HOSTILE = [
             "import pathlib, sqlite3\n"
             "_db = sqlite3.connect(str(pathlib.Path.cwd().parents[2] / 'gradebook.db'))\n"
             "_db.execute('UPDATE grade SET auto_score = 99')\n_db.commit()\n", "cell",
-            r"OperationalError"),
+            r"OperationalError", sandbox_only=True),
     Hostile("h_network", "connects to a service on the grader's host (tests listen on its "
             "loopback at GRADER_PORT; the sandbox's own network namespace cannot reach it)",
             "import socket\nsocket.create_connection(('127.0.0.1', %d), timeout=5)\n" % GRADER_PORT,
-            "cell", r"ConnectionRefusedError|Network is unreachable|timed out"),
+            "cell", r"ConnectionRefusedError|Network is unreachable|timed out", sandbox_only=True),
     Hostile("h_torch_deadlock", "a collective on one rank of two: waits for a rank that never comes",
             "import datetime, torch.distributed as dist\n"
             "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:29731', rank=0,"
             " world_size=2, timeout=datetime.timedelta(seconds=600))\n", "some",
             r"CellTimeoutError|stopped responding|KernelDied",
-            must_lose=frozenset({"test_column_small"}), slow=True),
+            must_lose=frozenset({"test_column_small"}), slow=True, sandbox_only=True),
     Hostile("h_torch_crashed_rank", "two gloo ranks; rank 1 crashes before the all_reduce",
             "import os, datetime, torch, torch.distributed as dist, torch.multiprocessing as tmp\n"
             "def _rank(r):\n    if r == 1:\n        os._exit(1)\n"
@@ -138,7 +142,7 @@ HOSTILE = [
             " world_size=2, timeout=datetime.timedelta(seconds=20))\n"
             "    dist.all_reduce(torch.ones(2))\n"
             "tmp.start_processes(_rank, nprocs=2, start_method='fork')\n", "cell",
-            r"exit code|ProcessExitedException|ProcessRaisedException"),
+            r"exit code|ProcessExitedException|ProcessRaisedException", sandbox_only=True),
 ]
 
 _WARN_EVERY_CALL = '''
