@@ -42,7 +42,7 @@ def grade(student, assignment, source_nb, submitted_nb, sizes, tmp: Path, pg_tim
     module = Path(tmp) / "solution.py"
     extract.write_module(source_nb, submitted_nb, module)
     cfg = Config(sizes=tuple(sizes), backend="gloo", pg_timeout=pg_timeout)
-    plan = [u for u in make_plan(sizes, timing=False, cells=cells)
+    plan = [u for u in make_plan(assignment, sizes, timing=False, cells=cells)
             if steps is None or (u.kind, u.step) in steps]
     results = {}
     for index in range(max_launches):
@@ -58,8 +58,9 @@ def grade(student, assignment, source_nb, submitted_nb, sizes, tmp: Path, pg_tim
 def _launch(module, out, todo, sizes, cfg, results) -> int:
     """One forked launch of the units `todo`; fills `results`, returns how many got one."""
     job_dir(out).mkdir(parents=True)
-    argv = ["--module", str(module), "--out", str(job_dir(out)),
-            "--units", ",".join(u.id for u in todo), "--sizes", ",".join(map(str, sizes)),
+    argv = ["--assignment", todo[0].assignment, "--module", str(module),
+            "--out", str(job_dir(out)), "--units", ",".join(u.id for u in todo),
+            "--sizes", ",".join(map(str, sizes)),
             "--pg-timeout", str(cfg.pg_timeout), "--step-timeout", str(cfg.unit_timeout)]
     port, ctx = _free_port(), mp.get_context("fork")
     procs = [ctx.Process(target=_rank, args=(r, cfg.world, port, argv)) for r in range(cfg.world)]

@@ -160,7 +160,7 @@ def _launch(module, out, todo, cfg, index):
                 # every rank retry for as long as the launch may last)
                 "--local-addr=127.0.0.1",
                 "--nnodes=1", f"--nproc-per-node={cfg.world}", "--max-restarts=0",
-                "-m", "gpu_runner.worker",
+                "-m", "gpu_runner.worker", "--assignment", todo[0].assignment,
                 "--module", str(module), "--out", str(job),
                 "--units", ",".join(u.id for u in todo),
                 "--sizes", ",".join(map(str, sorted(cfg.sizes))),

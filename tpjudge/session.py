@@ -123,12 +123,12 @@ class Student:
         return reply.get("value")
 
     def run_on_ranks(self, fn, world_size, *args, **kwargs):
-        """tpgrade.torch_ranks.run_on_ranks(fn, world_size, *args) in the student's process: the
+        """tpsim.ranks.run_on_ranks(fn, world_size, *args) in the student's process: the
         ranks are forked there, in its sandbox; what they return comes back as data. First, as
         the notebook's checks always did, torch.distributed's functions are put back as they
         were before the student's code ran (tpgrade._torch_trusted.restore, captured then)."""
         self.call(wire.Harness("tpgrade._torch_trusted:restore"))
-        return self.call(wire.Harness("tpgrade.torch_ranks:run_on_ranks"),
+        return self.call(wire.Harness("tpsim.ranks:run_on_ranks"),
                          (wire.Harness(fn), world_size, *args), kwargs)
 
     def take_output(self) -> tuple[str, str]:

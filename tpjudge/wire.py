@@ -8,7 +8,7 @@ per array), read with `json` and `numpy.frombuffer` only: never unpickled, never
     Tensor     a torch tensor, as its numpy values (torch is never needed to read it)
     Opaque     any other object, as its type's name only ("a ColumnParallelLinear")
     Ref        a name in the student's program            ("column_parallel")
-    Harness    a function of the course's own packages    ("tpgrade.torch_checks:_column_forward")
+    Harness    a function of the course's own packages  ("assignments.<name>.checks:_rank_fn")
     Callback   a function that stays on the sending side, called back by number
 
 Every message is bounded: its size (`max_bytes`), its nesting, its number of items.

@@ -63,9 +63,12 @@ class Sandbox(Configurable):
         "(the Python environment, every sys.path entry and the course's installed packages "
         "are added automatically).")
     ).tag(config=True)
-    private_packages = List(Unicode(), ["tpcourse"], help=(
-        "Editable-installed packages whose source stays hidden (instructor tooling; tpcourse "
-        "holds example solutions). Others (tpsim, tpgrade) are readable.")).tag(config=True)
+    private_packages = List(Unicode(), ["tpcourse", "assignments.*.examples",
+                                        "assignments.*.tests", "assignments.*.bench"], help=(
+        "Editable-installed packages whose source stays hidden (instructor tooling: tpcourse, "
+        "and each assignment's example students, tests and benchmarks; a dotted pattern hides "
+        "those modules or folders of a package and shows the rest). Others (tpsim, tpgrade, "
+        "an assignment's checks and gpu units) are readable.")).tag(config=True)
     env = Dict(help="Extra environment variables for the student's code.").tag(config=True)
 
     bwrap = Unicode("bwrap", help="The bubblewrap binary.").tag(config=True)

@@ -1,6 +1,6 @@
 """Put each student's gpu_runner report into their feedback, after `nbgrader generate_feedback`.
 
-    python -m tpgrader.classgrade.gpu_feedback tp_torch [--course-root .] [--reports DIR]
+    python -m tpgrader.classgrade.gpu_feedback ASSIGNMENT [--course-root .] [--reports DIR]
 
 `python -m gpu_runner.grade` writes <reports>/<student>/report.json and timing.png (the
 compute-vs-communication plot) next to the course, not in it. For every student who has both a

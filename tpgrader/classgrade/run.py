@@ -14,12 +14,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tpconfig import load_config
 from tpjudge import reach
 
 from . import gpu_feedback
 from . import gradebook as gbk
 from . import shards as shd
-from .. import load_config
 
 
 class GraderError(RuntimeError):

@@ -26,7 +26,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # A frame in a traceback, as IPython (`File /path/x.py:12, in f()`) or Python
 # (`File "/path/x.py", line 12, in f`) writes it.
 _FRAME_FILE = re.compile(r'^\s*File\s+"?([^",:\n]+)')
-GRADER_PACKAGES = ("tpgrade", "tpjudge", "tpsim", "tpgrader", "tpsandbox", "gpu_runner")
+GRADER_PACKAGES = ("tpgrade", "assignments", "tpjudge", "tpsim", "tpgrader", "tpsandbox",
+                   "gpu_runner")
 _INTERNAL = re.compile(r"[/\\](%s)[/\\]" % "|".join(GRADER_PACKAGES))
 _HIDDEN_PREFIX = re.compile(r"^(hidden test|test)\s*:\s*", re.I)
 
