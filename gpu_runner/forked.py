@@ -1,6 +1,6 @@
 """Grade a submission's gpu_* cells on forked gloo ranks: no torchrun, no sandbox.
 
-For the repository's fast tests and the catalogue's grade table (tpcourse.catalogue): the ranks
+For the repository's fast tests and the example catalogue's grade tables: the ranks
 are forked from this (torch-importing) process and run gpu_runner.worker.main (env://
 rendezvous on a free loopback port), then the records are read and judged by the grader's own
 code (gpu_runner.launch._interpret, gpu_runner.report.build), relaunching after a fault as

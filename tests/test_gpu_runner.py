@@ -87,7 +87,7 @@ K8S_VERSIONS = ("1.33.0", "latest")
 def _largest_world_size() -> int:
     """max of the course's world sizes: c.GpuRunner.world_sizes in nbgrader_config.py where
     set, else gpu_runner.grade's default (both 1-4)."""
-    from tpgrader import load_config
+    from tpconfig import load_config
     config = load_config(str(REPO))
     if "GpuRunner" in config and "world_sizes" in config.GpuRunner:
         return max(config.GpuRunner.world_sizes)

@@ -89,7 +89,7 @@ def test_hostile_student_loses_the_affected_points_with_a_reason(batch, hostile)
 
 @pytest.mark.parametrize("sub", ORDINARY, ids=lambda s: s.student)
 def test_ordinary_student_gets_the_grade_it_gets_alone(batch, sub):
-    """numpy_students' expectations are what a stock `nbgrader autograde` gives each alone."""
+    """The catalogue's expectations are what a stock `nbgrader autograde` gives each alone."""
     course, _ = batch
     [(nb, grades)] = course.scores(A, sub.student).items()
     lost = {g for g, (score, top) in grades.items() if score < top}

@@ -1,6 +1,6 @@
 """Example students for the tp_attention assignment (numpy, simulated ranks).
 
-Same form as numpy_students: each entry is a `Submission` naming the solution cells it fills
+Same form as tp_linear's examples: each entry is a `Submission` naming the solution cells it fills
 in (every other solution cell gets the instructor's answer) and the exact set of graded test
 cells that must lose points; every other graded cell must keep full marks.
 

@@ -1,8 +1,8 @@
 """Checks for the tp_torch notebook: the mappings, ColumnParallelLinear, RowParallelLinear,
 ParallelMLP and their errors, on 2 (or 1) CPU gloo ranks.
 
-Each public function is one graded test cell (`import tpgrade.torch_checks as check;
-check.column_forward(ColumnParallelLinear)`): it raises an AssertionError whose message names
+Each public function is one graded test cell (`from assignments.tp_torch import checks as
+check; check.column_forward(ColumnParallelLinear)`): it raises an AssertionError whose message names
 the mistake, a RankError when the student's code raised on a rank, and prints nothing when
 the solution is right. The setup cell imports this module before any student code runs; what
 that protects, and how, is in tpgrade._torch_trusted.

@@ -2,14 +2,14 @@
 ParallelAttention, ParallelTransformerLayer (on 2 CPU gloo ranks), measure_overhead's result
 (2 ranks) and overhead_model (numbers only).
 
-Each public function is one graded test cell (`import tpgrade.torch_attention as check;
-check.attention_forward(ParallelAttention)`), as in tpgrade.torch_checks: the ranks (module-level
-functions here, forked by run_on_ranks) build the student's layer from numpy data, run it and
-return numpy arrays; the verdict is decided in the caller with tpgrade.tensors against the
-float64 references of tpgrade.attention_backward. Every rank gets its own master weights: the
-true rows (columns for Wo) of its heads, noise elsewhere, so a rank that computes more than its
-heads gets a wrong answer. Sizes: hidden 6, 3 query heads of size 2 and 1 KV head on 2 ranks
-(heads 2 + 1, the KV head replicated on both).
+Each public function is one graded test cell (`from assignments.tp_torch_attention import
+checks as check; check.attention_forward(ParallelAttention)`), as in tp_torch's checks: the
+ranks (module-level functions here, forked by run_on_ranks) build the student's layer from
+numpy data, run it and return numpy arrays; the verdict is decided in the caller with
+tpgrade.tensors against the float64 references of this assignment's dense.py. Every rank gets
+its own master weights: the true rows (columns for Wo) of its heads, noise elsewhere, so a rank
+that computes more than its heads gets a wrong answer. Sizes: hidden 6, 3 query heads of size
+2 and 1 KV head on 2 ranks (heads 2 + 1, the KV head replicated on both).
 
 The timing itself is judged by the gpu_runner (gpu_timing), next to its own measurement; here
 only the shape of what measure_overhead returns.

@@ -1,9 +1,9 @@
 """Dense float64 attention and pre-LN transformer layer, forward AND backward, in numpy, and
 their test data (the weights, and the master weights each rank is given).
 
-The references of the torch attention assignment: its notebook checks (tpgrade.torch_attention,
-2 CPU ranks) and the gpu_runner's judge (gpu_runner.judge_attention, in the grader process, which
-imports no torch). Layouts as in tp_attention and tp_torch_attention: Wq (H*d, hidden), Wk and Wv
+The references of the torch attention assignment: its notebook checks (checks.py, 2 CPU
+ranks) and its gpu_runner judge (gpu/judge.py, in the grader process, which imports no
+torch). Layouts as in tp_attention and tp_torch_attention: Wq (H*d, hidden), Wk and Wv
 (G*d, hidden), Wo (out, H*d), query head h reads KV head h // (H / G); the loss of every
 backward is L = sum(y * upstream).
 

@@ -3,8 +3,8 @@ block with sequence parallelism), VocabParallelEmbedding and vocab_parallel_cros
 2 (or 1) CPU gloo ranks, small shapes, values only (the collectives themselves are counted by
 the gpu_runner).
 
-Each public function is one graded test cell (`import tpgrade.torch_sequence as check;
-check.layer_sp_forward(LayerSP)`): it raises an AssertionError whose message names the mistake
+Each public function is one graded test cell (`from assignments.tp_torch_sequence import
+checks as check; check.layer_sp_forward(LayerSP)`): it raises an AssertionError whose message names the mistake
 and prints nothing when the solution is right. The ranks (module-level functions below, forked
 by run_on_ranks: in the student's process under the judge) build the student's layers from
 numpy data and send back arrays; every verdict is made here, with tpgrade.tensors.

@@ -2,8 +2,8 @@
 the vocabulary-parallel embedding and cross-entropy, with their gradients, and the values a few
 known mistakes produce (for the diagnoses).
 
-Used by the notebook's checks (tpgrade.torch_sequence) and by the gpu_runner's judge
-(gpu_runner.judge_sequence), both in processes where no student code runs a verdict. numpy
+Used by the notebook's checks (checks.py) and by its gpu_runner judge (gpu/judge.py), both in
+processes where no student code runs a verdict. numpy
 only; the numpy functions are the ones captured when tpgrade was imported (tpgrade._trusted,
 and those below), so a notebook that rebinds np.log cannot change a reference.
 

@@ -7,6 +7,7 @@ end-to-end tests, in the sandbox, are tests/test_gpu_runner_slow.py.)"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 

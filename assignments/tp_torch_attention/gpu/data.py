@@ -56,7 +56,7 @@ def layer_case(seed) -> Case:
     return Case(HEADS, kv, causal, *AB.weights(seed, SHAPE, HEADS, kv, FFN), seed)
 
 
-# -- the TP overhead measurement (gpu_runner.overhead on the ranks, judge_attention) -----------
+# -- the TP overhead measurement (gpu/overhead.py on the ranks, gpu/judge.py) -------------------
 # measure_overhead is called with these arguments on CPU (gloo) and on GPUs (NCCL, larger sizes
 # so that the times are not launch overheads); untested on GPUs in the test suite (no GPU there).
 MEASURE = {"cpu": {"sizes": (256, 512, 1024), "tokens": 64, "repeats": 7, "warmup": 2},

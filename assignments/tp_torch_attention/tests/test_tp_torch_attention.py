@@ -149,7 +149,7 @@ def test_the_grade_table_says_what_the_catalogue_states():
 def test_the_judge_grades_apart_from_the_students_process():
     """The checks' rank functions run in the student's (sandboxable) process, the verdicts here:
     a mistake loses exactly its tests, the others pass (the reference through the judge:
-    test_torch_notebook's autograde)."""
+    tests/test_torch_notebooks.py's autograde)."""
     sub = cat.BY_NAME["tattn_bias_every_rank"]
     failed = local.judge_answers(SOURCE, sub.answers[cat.NOTEBOOK], timeout=60).failed
     assert set(failed) == {g for g in sub.loses if g.startswith("test_")}

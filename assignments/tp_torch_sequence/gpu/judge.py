@@ -205,7 +205,7 @@ def sp_backward(view):
 
 
 def _float64(view, family, y, dx, what):
-    """gpu_runner.judge.float64's verdicts on observe_sequence._float64_run's reports."""
+    """gpu_runner.judge's float64 verdicts on gpu/observe.py's _float64_run's reports."""
     view.each(f"{family}.forward_float64", lambda r: J.float64_output_verdict(
         view, r, y(r), f"the float64 {what}"))
     view.each(f"{family}.grad_float64", lambda r: J.float64_verdict(
