@@ -47,7 +47,7 @@ bench: venv
 bench-class: venv
 	$(BIN)/python bench/class_bench.py
 
-# Grade a whole class: make grade ASSIGNMENT=tp_linear (sandboxed, parallel, resumable).
+# Grade a whole class: make grade ASSIGNMENT=<name> (sandboxed, parallel, resumable).
 grade: venv
 	$(BIN)/python -m tpcourse.grade_class $(ASSIGNMENT)
 
@@ -58,7 +58,7 @@ grade: venv
 # would install the CPU torch pin over the runner's CUDA one.
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 gpu-check:
-	$(GPU_PYTHON) -m gpu_runner.gpu_check
+	$(GPU_PYTHON) -m tpcourse.gpu_check
 
 clean:
 	rm -rf $(VENV) demo_output bench_output

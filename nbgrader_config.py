@@ -1,15 +1,15 @@
 """nbgrader configuration for the tensor-parallelism course.
 
-Stock nbgrader commands run from the repository root: `nbgrader generate_assignment tp_linear`,
-`nbgrader autograde tp_linear`, ... The demo (`make demo`) and the tests run the same commands
-in temporary course directories with this file copied in.
+Stock nbgrader commands run from the repository root: `nbgrader generate_assignment NAME`,
+`nbgrader autograde NAME`, ... (NAME: an assignment, assignments/<name>). The demo (`make demo`)
+and the tests run the same commands in temporary course directories with this file copied in.
 """
 c = get_config()  # noqa: F821 (provided by nbgrader when it loads this file)
 
 c.CourseDirectory.course_id = "tp101"
 c.CourseDirectory.root = __import__("os").path.dirname(__import__("os").path.abspath(__file__))
 
-# Seconds of CPU time each cell's student code may use (tpsandbox.cputime: its whole process
+# Seconds of CPU time each cell's student code may use (tpsim.cputime: its whole process
 # tree; a busy grader makes a cell take longer on the clock, not time out). The exercises use
 # well under a second per cell. A cell that computes nothing for c.TimeLimits.stall_seconds
 # (20) is stopped too, and c.TimeLimits.wall_factor (5) times this on the clock is the backstop.
@@ -22,9 +22,10 @@ c.Execute.interrupt_on_timeout = True
 # What students see in place of a solution.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 
-# The world sizes the gpu_runner grades tp_torch's gpu_* cells at: a course setting, the same on
-# every grading machine (NCCL with one rank per GPU only where there are max(world_sizes) GPUs,
-# gloo on CPU otherwise; never more or fewer sizes because of the GPU count).
+# The world sizes the gpu_runner grades the torch assignments' gpu_* cells at: a course setting,
+# the same on every grading machine (NCCL with one rank per GPU only where there are
+# max(world_sizes) GPUs, gloo on CPU otherwise; never more or fewer sizes because of the GPU
+# count).
 c.GpuRunner.world_sizes = [1, 2, 3, 4]
 
 # Student code runs sandboxed (tpsandbox: bubblewrap namespaces, an unprivileged uid, resource

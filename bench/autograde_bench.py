@@ -1,6 +1,6 @@
 """How long stock `nbgrader autograde` takes per notebook on this machine.
 
-    python bench/autograde_bench.py [--n 20] [--assignment tp_linear] [--student reference]
+    python bench/autograde_bench.py [--n 20] [--assignment NAME] [--student reference]
 
 Places N copies of one catalogue submission (the reference solution by default) in a fresh
 temporary course, runs ONE `nbgrader autograde` call over all of them, and prints the wall time
@@ -17,18 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 
+import assignments  # noqa: E402
+from tpcourse.catalogue import students  # noqa: E402
 from tpcourse.cycle import Course  # noqa: E402
-from tpcourse.demo import as_list, catalogue, gradebook_scores  # noqa: E402
+from tpcourse.demo import gradebook_scores  # noqa: E402
 from tpcourse.submissions import Submission, build  # noqa: E402
 
 
 def pick(assignment: str, student: str) -> Submission:
-    try:
-        entries = [s for group in catalogue() for s in as_list(group)]
-    except ImportError:  # no catalogue: only the instructor's answers are available
-        entries = []
-    for sub in entries:
-        if sub.assignment == assignment and sub.student == student:
+    for sub in students(assignment):
+        if sub.student == student:
             return sub
     if student == "reference":
         return Submission("reference", assignment)  # the instructor's answers from source/
@@ -61,7 +59,8 @@ def bench(n: int, assignment: str, student: str, root: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20, help="copies of the submission (default 20)")
-    parser.add_argument("--assignment", default="tp_linear")
+    parser.add_argument("--assignment", default=assignments.names()[0],
+                        help="default: the course's first assignment")
     parser.add_argument("--student", default="reference", help="catalogue entry to copy")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tp-bench-") as tmp:

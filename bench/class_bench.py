@@ -1,6 +1,7 @@
-"""Benchmark the class grader (issue 4): N synthetic tp_linear submissions (correct, wrong and
-hostile), graded by `tpcourse.grade_class` and by a sequential stock `nbgrader autograde` on
-the same submissions in the same run; plus the sandbox's overhead per notebook.
+"""Benchmark the class grader (issue 4): N synthetic submissions (correct, wrong and hostile) of
+the assignment whose examples hold the hostile students, graded by `tpcourse.grade_class` and by
+a sequential stock `nbgrader autograde` on the same submissions in the same run; plus the
+sandbox's overhead per notebook.
 
     .venv/bin/python bench/class_bench.py [--n 200] [--batches 4] [--workers N] [--overhead-n 20]
 
@@ -28,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tpcourse import REPO  # noqa: E402
 from tpgrader.classgrade import ClassGrader  # noqa: E402
 from tpcourse.cycle import Course  # noqa: E402
-from tpcourse.examples import hostile_students as H  # noqa: E402
-from tpcourse.examples import numpy_students as N  # noqa: E402
+import assignments  # noqa: E402
+from tpcourse.catalogue import examples, students  # noqa: E402
 from tpcourse.cycle import ensure_tools_on_path  # noqa: E402
 from tpcourse.submissions import build  # noqa: E402
 
-A = "tp_linear"
+A = next(a for a in assignments.names() if getattr(examples(a), "HOSTILE", ()))
+H = examples(A).hostile
 SANDBOX = "from tpgrader import configure\nconfigure(c)\n"
 # Hostile students that cost no timeout (those would only measure the timeout itself).
 FAST_HOSTILE = ("h_os_exit", "h_sys_exit", "h_kill_parent", "h_memory_grab", "h_network",
@@ -43,7 +45,7 @@ FAST_HOSTILE = ("h_os_exit", "h_sys_exit", "h_kill_parent", "h_memory_grab", "h_
 
 def synthetic(n: int) -> list[tuple[str, dict]]:
     """n (student, notebooks) pairs cycling through correct, wrong and hostile work."""
-    ordinary = [s for s in N.ALL if s.assignment == A and s.student not in ("looping",)]
+    ordinary = [s for s in students(A) if s.student not in ("looping",)]
     kinds = [(s.student, build(s)) for s in ordinary]
     kinds += [(h.student, H.notebooks(h)) for h in H.HOSTILE if h.student in FAST_HOSTILE]
     return [(f"s{i:03d}_{kinds[i % len(kinds)][0]}", kinds[i % len(kinds)][1]) for i in range(n)]

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/gpu_runner_bench.py [--students 3] [--backend auto] [--world-sizes 1,2,3,4]
 
-In one run: a throwaway course with the tp_torch source and some of the catalogue's
-submissions (tpcourse.examples.torch_students, no faults), graded with
+In one run: a throwaway course with the first torch assignment's source and some of its
+catalogue's submissions (its examples, no faults), graded with
 `python -m gpu_runner.grade --no-gradebook`; then, REPEATS times, a bare `torchrun` of the
 same world size whose workers only `import torch`. Prints seconds per submission (wall
 clock of the whole command / submissions, and the mean launch time from the reports) and the
@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tpcourse.cycle import Course  # noqa: E402
-from tpcourse.examples import torch_students as cat  # noqa: E402
+import assignments  # noqa: E402
+from tpcourse.catalogue import examples  # noqa: E402
 from tpcourse.submissions import build  # noqa: E402
 
 REPEATS = 3
@@ -49,14 +50,16 @@ def main() -> None:
     ap.add_argument("--no-timing", action="store_true")
     args = ap.parse_args()
     from gpu_runner.grade import backend_and_sizes
-    students = (cat.STUDENTS + cat.WRONG)[:args.students]
+    a = next(a.name for a in assignments.discover() if a.has_gpu)
+    cat = examples(a)
+    students = (cat.VALID + cat.WRONG)[:args.students]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        course = Course.create(tmp / "course", ["tp_torch"])
+        course = Course.create(tmp / "course", [a])
         backend, sizes = backend_and_sizes(course.root, args.backend, args.world_sizes)
         for sub in students:
-            course.place_submission(sub.student, "tp_torch", build(sub))
-        cmd = [sys.executable, "-m", "gpu_runner.grade", "tp_torch", "--course-root",
+            course.place_submission(sub.student, a, build(sub))
+        cmd = [sys.executable, "-m", "gpu_runner.grade", a, "--course-root",
                str(course.root), "--no-gradebook", "--backend", backend]
         cmd += ["--world-sizes", args.world_sizes] if args.world_sizes else []
         cmd += ["--no-timing"] if args.no_timing else []
@@ -65,7 +68,7 @@ def main() -> None:
         wall = time.perf_counter() - start
         if out.returncode:
             sys.exit(out.stdout + out.stderr)
-        reports = [json.loads((course.root / "gpu_reports" / "tp_torch" / s.student /
+        reports = [json.loads((course.root / "gpu_reports" / a / s.student /
                                "report.json").read_text()) for s in students]
         bare = [bare_launch(max(sizes), tmp) for _ in range(REPEATS)]
     per_sub = wall / len(students)

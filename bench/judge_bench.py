@@ -1,6 +1,6 @@
 """What the judge costs: `nbgrader autograde` seconds per notebook with and without it, one run.
 
-    python bench/judge_bench.py [--n 10] [--rounds 2] [--assignment tp_linear tp_mlp ...]
+    python bench/judge_bench.py [--n 10] [--rounds 2] [--assignment NAME ...]
 
 Two courses with the same N copies of the reference solution per assignment: one grades with
 the judge (the test cells decided in the grader's process, the student's functions called in a
@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 
+import assignments  # noqa: E402
 from tpcourse.cycle import Course  # noqa: E402
 from tpcourse.demo import gradebook_scores  # noqa: E402
 from tpcourse.submissions import Submission, build  # noqa: E402
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=10, help="copies per assignment (default 10)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--assignment", nargs="+", default=["tp_linear", "tp_mlp"])
+    ap.add_argument("--assignment", nargs="+", help="default: the first two numpy assignments",
+                    default=[a.name for a in assignments.discover() if a.kind == "numpy"][:2])
     args = ap.parse_args(argv)
     totals = {mode: 0.0 for mode in MODES}
     cpu = {mode: 0.0 for mode in MODES}

@@ -12,10 +12,10 @@ run (record_shapes on):
   internals, on whatever thread (the autograd engine's included);
 * the backend's events, each with the size of its input: what actually ran, and how big.
 
-The grader reads the record (gpu_runner.judge_sequence.trace_counts): {kind: n} of the ops,
-plus any backend event that no op explains (code that called the backend object directly, below
-the dispatcher); and the element count of every backend event (gloo: the rank's contribution;
-for an emulated reduce-scatter, its input or an input piece).
+The grader reads the record (an assignment's gpu/judge.py, with its trace_counts): {kind: n}
+of the ops, plus any backend event that no op explains (code that called the backend object
+directly, below the dispatcher); and the element count of every backend event (gloo: the
+rank's contribution; for an emulated reduce-scatter, its input or an input piece).
 
 Verified on gloo (torch 2.13, CPU): all_reduce (sum and MAX), all_gather, all_gather_into_tensor,
 reduce_scatter, reduce_scatter_tensor, broadcast, the ProcessGroup's allreduce, the backend

@@ -1,9 +1,11 @@
 """Grade an assignment's submissions on real ranks and record the scores in nbgrader.
 
-    python -m gpu_runner.grade tp_torch                      # every student in submitted/
-    python -m gpu_runner.grade tp_torch --student alice      # one student
-    python -m gpu_runner.grade tp_torch --shard 0/8 --no-gradebook   # one of 8 parallel jobs
-    python -m gpu_runner.grade tp_torch --load-reports       # write finished reports to the db
+    python -m gpu_runner.grade ASSIGNMENT                    # every student in submitted/
+    python -m gpu_runner.grade ASSIGNMENT --student alice    # one student
+    python -m gpu_runner.grade ASSIGNMENT --shard 0/8 --no-gradebook   # one of 8 parallel jobs
+    python -m gpu_runner.grade ASSIGNMENT --load-reports     # write finished reports to the db
+
+ASSIGNMENT is one of the course's torch assignments (assignments/<name>/gpu holds its units).
 
 For each student: extract the solution cells of the submitted notebook into a module, run
 one torchrun launch for all world sizes (relaunching only after a fault), score the gpu_*
@@ -36,6 +38,8 @@ import os
 import shlex
 import sys
 from pathlib import Path
+
+import assignments
 
 from . import extract, gradebook, machine, reference, report
 from .launch import Config, grade_module, job_environment
@@ -126,8 +130,9 @@ class SandboxRefused(RuntimeError):
 def confinement(root: Path, reports: Path, db_url: str, backend: str):
     """The `Config.wrap` for this course: its nbgrader_config.py's sandbox (c.Sandbox.*),
     or None when that file disables it. Raises SandboxRefused when it is on but cannot run."""
-    from tpgrader import load_config
+    from tpconfig import load_config
     from tpsandbox import Sandbox, for_torchrun, problem
+    from tpsandbox.command import public_paths
     from tpsandbox.kernel import course_paths
     config = load_config(str(root))
     sandbox = Sandbox(config=config)
@@ -142,17 +147,20 @@ def confinement(root: Path, reports: Path, db_url: str, backend: str):
     hidden = [str(root), str(reports), *course_paths(config)]
     if db_url.startswith("sqlite:///"):
         hidden.append(os.path.dirname(db_url[len("sqlite:///"):]))
-    # what the job imports: the harness and the notebook's helpers, wherever they are installed
+    # what the job imports: the harness, the assignment's units (not its example students) and
+    # the notebook's helpers, wherever they are installed
     readonly = [str(Path(__file__).resolve().parent)]
-    spec = importlib.util.find_spec("tpgrade")
-    readonly += list(spec.submodule_search_locations or []) if spec else []
+    for package in ("tpgrade", "tpsim", "assignments"):
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            readonly += public_paths(package, folder, sandbox.private_packages)
     gpu = backend == "nccl" or bool(glob.glob("/dev/nvidia[0-9]*"))
     return for_torchrun(str(root), gpu=gpu, readonly=readonly, hidden=hidden, config=config)
 
 
 def wall_factor(root: Path) -> float:
     """c.TimeLimits.wall_factor of the course: the wall-clock backstops of units and launches."""
-    from tpgrader import load_config
+    from tpconfig import load_config
     from tpsandbox import TimeLimits
     return TimeLimits(config=load_config(str(root))).wall_factor
 
@@ -174,7 +182,8 @@ def grade_student(student, args, root, src_path, cfg, reports) -> dict:
         raise FileNotFoundError(f"no submission {sub_path}")
     module = folder / "solution.py"
     missing = extract.write_module(source_nb, extract.read(sub_path), module)
-    plan = make_plan(cfg.sizes, timing=not args.no_timing, cells=extract.gpu_cells(source_nb))
+    plan = make_plan(args.assignment, cfg.sizes, timing=not args.no_timing,
+                     cells=extract.gpu_cells(source_nb))
     rep = grade_module(student, module, folder, plan, cfg, args.assignment, src_path.stem,
                        extract.gpu_cells(source_nb))
     rep["missing_cells"] = missing
@@ -185,7 +194,7 @@ def grade_student(student, args, root, src_path, cfg, reports) -> dict:
 def _uid_per_shard(root: Path, shard: int) -> None:
     """Shards sharing a machine get sandbox uids of their own (per-uid process limits stay
     independent): the configured uid plus 100 + the shard index."""
-    from tpgrader import load_config
+    from tpconfig import load_config
     from tpsandbox import UID_ENV, Sandbox
     base = Sandbox(config=load_config(str(root))).effective_uid()
     os.environ[UID_ENV] = str(base + 100 + shard)
@@ -220,6 +229,11 @@ def set_up(args, root, reports, db_url, src_path, names) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.assignment not in [a.name for a in assignments.discover() if a.has_gpu]:
+        print(f"gpu_runner: {args.assignment!r} is not one of the course's torch assignments "
+              f"({', '.join(a.name for a in assignments.discover() if a.has_gpu)})",
+              file=sys.stderr, flush=True)
+        return 2
     warn_if_untested()
     root = Path(args.course_root).resolve()
     db_url = args.db_url or f"sqlite:///{root / 'gradebook.db'}"

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpsandbox import cputime
+from tpsim import cputime
 
 from . import machine, records, report
 from .judge import judge
@@ -48,7 +48,7 @@ class Config:
     sizes: tuple = (1, 2, 3, 4)
     backend: str = "gloo"
     pg_timeout: float = 60.0        # a collective waiting longer than this fails (deadlock)
-    # CPU seconds (tpsandbox.cputime), each with a wall-clock backstop wall_factor times longer:
+    # CPU seconds (tpsim.cputime), each with a wall-clock backstop wall_factor times longer:
     step_timeout: float = 0.0       # a unit using more on a rank is killed (loop); 0: 2 * pg
     launch_timeout: float = 900.0   # the whole launch, its processes together
     wall_factor: float = cputime.WALL_FACTOR
@@ -173,7 +173,7 @@ def _launch(module, out, todo, cfg, index):
                 # every rank retry for as long as the launch may last)
                 "--local-addr=127.0.0.1",
                 "--nnodes=1", f"--nproc-per-node={cfg.world}", "--max-restarts=0",
-                "-m", "gpu_runner.worker",
+                "-m", "gpu_runner.worker", "--assignment", todo[0].assignment,
                 "--module", str(module), "--out", str(job),
                 "--units", ",".join(u.id for u in todo),
                 "--sizes", ",".join(map(str, sorted(cfg.sizes))),

@@ -1,11 +1,12 @@
 """The rank side: build the student's layers, run them, and REPORT what came out.
 
 Runs in the torchrun ranks, next to the student's module: nothing here decides a grade (code in
-the same process could change any decision). Every unit builds the student's layer from the
-unit's data (gpu_runner.data, the same numbers the judge recomputes), runs it, and reports its
-outputs, gradients, shards, parameter shapes, exceptions and collective counts as JSON data
-(`ctx.obs`, gpu_runner.records); gpu_runner.judge compares them with the dense reference in the
-grader process.
+the same process could change any decision). Every unit (an assignment's gpu/observe.py: its
+UNITS) builds the student's layer from the unit's data (its gpu/data.py, the same numbers the
+judge recomputes), runs it, and reports its outputs, gradients, shards, parameter shapes,
+exceptions and collective counts as JSON data (`ctx.obs`, gpu_runner.records); the
+assignment's gpu/judge.py compares them with the dense reference in the grader process. This
+module holds what every unit runs in: the phases, the context, the fault rules and helpers.
 
 Each unit is a sequence of phases; after each phase the group agrees (over a gloo control
 group) whether every rank got through, so a rank that raised never leaves the others waiting in
@@ -14,7 +15,6 @@ a collective of the next phase. Student code runs inside phases only.
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 import torch.distributed as dist
@@ -22,9 +22,11 @@ import torch.distributed.distributed_c10d as c10d
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import data, observe_sequence
+import assignments
+
+from . import data
 from .counting import CollectiveCounter
-from .records import encode_outcome, encode_param, encode_tensor
+from .records import encode_outcome, encode_tensor
 
 MLP_ACTIVATION = F.gelu       # passed as activation= when the student's ParallelMLP takes it
 
@@ -171,11 +173,6 @@ def set_param(param, value):
         param.copy_(value)
 
 
-def _params(layer):
-    return {"weight": encode_param(getattr(layer, "weight", None)),
-            "bias": encode_param(getattr(layer, "bias", None))}
-
-
 def plain_tensors(module) -> list[str]:
     """Tensor attributes that are neither parameters nor buffers: `.to(device)` and
     `.to(dtype)` leave them where they were created."""
@@ -187,7 +184,7 @@ def plain_tensors(module) -> list[str]:
     return found
 
 
-def _shaped(y, shape):
+def shaped(y, shape):
     """The harness cannot take a gradient through an output of the wrong shape."""
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(shape):
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -196,7 +193,7 @@ def _shaped(y, shape):
     return y
 
 
-def _counted(ctx, key, fn):
+def counted(ctx, key, fn):
     """fn(), its collective counts reported as `key`."""
     with CollectiveCounter() as counter:
         value = fn()
@@ -204,145 +201,13 @@ def _counted(ctx, key, fn):
     return value
 
 
-# -- errors -----------------------------------------------------------------------------------
-def _outcome(fn):
+# -- errors ---------------------------------------------------------------------------------------
+def outcome(fn):
     try:
         fn()
     except Exception as exc:  # what it raised is the observation
         return encode_outcome(exc)
     return None
-
-
-def errors_nopg(ctx: Ctx):
-    """With no process group: construct each layer, report what it raised."""
-    m = ctx.m
-    with no_default_group():
-        ctx.report("no_group_column", _outcome(lambda: m.ColumnParallelLinear(4, 4)))
-        ctx.report("no_group_row", _outcome(lambda: m.RowParallelLinear(4, 4)))
-
-
-def errors_shape(ctx: Ctx):
-    """A master_weight of the wrong shape (2 rows / 2 columns too many)."""
-    m, (i, o) = ctx.m, data.COLUMN_DIMS
-    ctx.report("bad_shape_column", ctx.phase(lambda: _outcome(lambda: ctx.build(
-        m.ColumnParallelLinear, i, o, master_weight=torch.zeros(o + 2, i)))))
-    i, o = data.ROW_DIMS
-    ctx.report("bad_shape_row", ctx.phase(lambda: _outcome(lambda: ctx.build(
-        m.RowParallelLinear, i, o, master_weight=torch.zeros(o, i + 2)))))
-
-
-# -- linear layers ----------------------------------------------------------------------------
-_LAYERS = {"column": ("ColumnParallelLinear", data.column, data.COLUMN_DIMS),
-           "row": ("RowParallelLinear", data.row, data.ROW_DIMS)}
-
-
-def _case(ctx, kind):
-    name, make_case, (i, o) = _LAYERS[kind]
-    return getattr(ctx.m, name), make_case(ctx.seed), i, o
-
-
-def _maker(ctx, kind, **kw):
-    """A function building the student's layer with this rank's master_weight and the case's
-    (non-zero) bias, as the group's ranks hold it."""
-    cls, case, i, o = _case(ctx, kind)
-    lo, hi = ctx.shard(o)
-    bias = case.b[lo:hi] if kind == "column" else case.b
-
-    def make():
-        layer = ctx.build(cls, i, o, master_weight=cpu(case.master(ctx.rank, ctx.size)), **kw)
-        set_param(layer.bias, ctx.tensor(bias))
-        return layer
-    return make, case
-
-
-def _input(ctx, kind, case):
-    """The layer's input on this rank: the full x (column), this rank's slice (row)."""
-    return case.x if kind == "column" else case.x[:, slice(*ctx.shard(case.x.shape[1]))]
-
-
-def shards(ctx: Ctx, kind):
-    """The shards of a layer built with this rank's master_weight; the default init; for the
-    column layer also bias=False and fewer output features than ranks (an empty shard)."""
-    cls, case, i, o = _case(ctx, kind)
-    master = cpu(case.master(ctx.rank, ctx.size))
-    layer = ctx.phase(lambda: ctx.build(cls, i, o, master_weight=master.clone()))
-    ctx.report("shards", ctx.phase(lambda: _params(layer)))
-    layer = ctx.phase(lambda: ctx.build(cls, i, o))
-    ctx.report("default", ctx.phase(lambda: _params(layer)))
-    if kind != "column":
-        return
-    layer = ctx.phase(lambda: ctx.build(cls, i, o, bias=False, master_weight=master.clone()))
-    ctx.report("no_bias", ctx.phase(lambda: _params(layer)))
-    if ctx.size >= 2:          # fewer output features than ranks: the last rank holds none
-        small = cpu(case.master(ctx.rank, ctx.size, rows=ctx.size - 1))
-        layer = ctx.phase(lambda: ctx.build(cls, i, ctx.size - 1, master_weight=small))
-        ctx.report("empty", ctx.phase(lambda: _params(layer)))
-
-
-def column_forward(ctx: Ctx):
-    make, case = _maker(ctx, "column")
-    layer = ctx.phase(make)
-    x = ctx.tensor(case.x)
-    ctx.observe("y", lambda: _counted(ctx, "counts", lambda: layer(x)))
-    ctx.observe("y1", lambda: layer(ctx.tensor(case.x[0])))
-    ctx.observe("y3", lambda: layer(ctx.tensor(case.x3)))
-
-
-def backward(ctx: Ctx, kind):
-    """Forward and backward of loss = sum(y * g): the input's, weight's and bias's gradients."""
-    make, case = _maker(ctx, kind)
-    layer, xs = ctx.phase(lambda: (make(), ctx.tensor(_input(ctx, kind, case),
-                                                      requires_grad=True)))
-    y = ctx.phase(lambda: _shaped(layer(xs), case.g.shape))
-    ctx.phase(lambda: _counted(ctx, "counts", lambda: (y * ctx.tensor(case.g)).sum().backward()))
-    ctx.observe("gx", lambda: xs.grad)
-    ctx.observe("gw", lambda: layer.weight.grad)
-    ctx.observe("gb", lambda: layer.bias.grad)
-
-
-def column_local(ctx: Ctx):
-    """gather_output=False: this rank's slice of the output, and the input's gradient when each
-    rank's loss is its slice's part (summed over ranks they make the dense loss)."""
-    make, case = _maker(ctx, "column", gather_output=False)
-    lo, hi = ctx.shard(case.w.shape[0])
-    layer, xs = ctx.phase(lambda: (make(), ctx.tensor(case.x, requires_grad=True)))
-    y = ctx.observe("y", lambda: _counted(ctx, "counts.forward", lambda: layer(xs)))
-    ctx.phase(lambda: _shaped(y, (data.BATCH, hi - lo)))
-    ctx.phase(lambda: _counted(ctx, "counts.backward",
-                               lambda: (y * ctx.tensor(case.g[:, lo:hi])).sum().backward()))
-    ctx.observe("gx", lambda: xs.grad)
-
-
-def row_forward(ctx: Ctx):
-    make, case = _maker(ctx, "row")
-    layer = ctx.phase(make)
-    x = ctx.tensor(_input(ctx, "row", case))
-    ctx.observe("y", lambda: _counted(ctx, "counts", lambda: layer(x)))
-
-
-def row_full(ctx: Ctx):
-    """input_is_parallel=False: the full input comes in."""
-    make, case = _maker(ctx, "row", input_is_parallel=False)
-    layer, xs = ctx.phase(lambda: (make(), ctx.tensor(case.x, requires_grad=True)))
-    y = ctx.observe("y", lambda: layer(xs))
-    ctx.phase(lambda: (_shaped(y, case.g.shape) * ctx.tensor(case.g)).sum().backward())
-    ctx.observe("gx", lambda: xs.grad)
-
-
-def float64(ctx: Ctx, kind):
-    """The device and dtype rules, checkable on any machine: the layer built as usual, then
-    moved with .to(torch.float64) (as .to(device) moves it to a GPU), and run on a float64 input
-    with meta as the default device. A tensor created in forward without device= lands on meta;
-    one created without dtype= is float32 (a wrong dtype, or values rounded to float32); a tensor
-    attribute that is not a parameter or buffer stays behind. (The backward runs outside the
-    meta context, autograd does not carry it: there only the dtype shows.)"""
-    if kind == "mlp":
-        make, case = _mlp_maker(ctx)
-        module = ctx.phase(lambda: make()[0])
-    else:       # the row layer takes the full input: its scatter's backward gathers
-        make, case = _maker(ctx, kind, **({"input_is_parallel": False} if kind == "row" else {}))
-        module = ctx.phase(make)
-    float64_run(ctx, module, case.x, case.g)
 
 
 def float64_run(ctx: Ctx, module, x, g):
@@ -357,86 +222,10 @@ def float64_run(ctx: Ctx, module, x, g):
         with torch.device("meta"):
             return module(xs)
     y = ctx.observe("y", forward)
-    ctx.phase(lambda: (_shaped(y, g.shape) * ctx.tensor(g, torch.float64)).sum().backward())
+    ctx.phase(lambda: (shaped(y, g.shape) * ctx.tensor(g, torch.float64)).sum().backward())
     ctx.observe("gx", lambda: xs.grad)
 
 
-# -- MLP --------------------------------------------------------------------------------------
-def _mlp_maker(ctx):
-    """A function building the student's ParallelMLP with this rank's master weights and the
-    case's biases; it returns (mlp, its four parameters found by shape)."""
-    case = data.mlp(ctx.seed)
-    h, f = data.MLP_DIMS
-    lo, hi = ctx.shard(f)
-    cls = ctx.m.ParallelMLP
-    kw = {"activation": MLP_ACTIVATION} if _takes(cls, "activation") else {}
-
-    def make():
-        mlp = ctx.build(cls, h, f, bias=True, w1=cpu(case.fc1.master(ctx.rank, ctx.size)),
-                        w2=cpu(case.fc2.master(ctx.rank, ctx.size)), **kw)
-        p = _mlp_params(mlp, h, hi - lo)
-        set_param(p["b1"], ctx.tensor(case.fc1.b[lo:hi]))
-        set_param(p["b2"], ctx.tensor(case.fc2.b))
-        return mlp, p
-    return make, case
-
-
-def _mlp_params(mlp, hidden, local):
-    """The MLP's four parameters, found by shape (their attribute names are the student's)."""
-    want = {"w1": (local, hidden), "b1": (local,), "w2": (hidden, local), "b2": (hidden,)}
-    found = {}
-    for param in mlp.parameters():
-        for key, shape in want.items():
-            if tuple(param.shape) == shape and key not in found:
-                found[key] = param
-                break
-    missing = [f"{k} {s}" for k, s in want.items() if k not in found]
-    if missing:
-        raise ValueError(f"ParallelMLP has no parameter of shape {', '.join(missing)}")
-    return found
-
-
-def mlp_forward(ctx: Ctx):
-    make, case = _mlp_maker(ctx)
-    mlp, _ = ctx.phase(make)
-    x = ctx.tensor(case.x)
-    ctx.observe("y", lambda: _counted(ctx, "counts", lambda: mlp(x)))
-
-
-def mlp_backward(ctx: Ctx):
-    make, case = _mlp_maker(ctx)
-    (mlp, p), xs = ctx.phase(lambda: (make(), ctx.tensor(case.x, requires_grad=True)))
-    y = ctx.phase(lambda: _shaped(mlp(xs), case.g.shape))
-    ctx.phase(lambda: _counted(ctx, "counts", lambda: (y * ctx.tensor(case.g)).sum().backward()))
-    ctx.observe("gx", lambda: xs.grad)
-    ctx.report("grads", ctx.phase(lambda: {k: encode_tensor(p[k].grad) for k in p}))
-
-
-def _takes(cls, param):
-    try:
-        return param in inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-UNITS = {
-    ("errors", "nopg"): errors_nopg, ("errors", "shape"): errors_shape,
-    ("column", "shards"): lambda ctx: shards(ctx, "column"),
-    ("column", "forward"): column_forward,
-    ("column", "backward"): lambda ctx: backward(ctx, "column"),
-    ("column", "local"): column_local,
-    ("column", "float64"): lambda ctx: float64(ctx, "column"),
-    ("row", "shards"): lambda ctx: shards(ctx, "row"),
-    ("row", "forward"): row_forward,
-    ("row", "backward"): lambda ctx: backward(ctx, "row"),
-    ("row", "full"): row_full,
-    ("row", "float64"): lambda ctx: float64(ctx, "row"),
-    ("mlp", "forward"): mlp_forward, ("mlp", "backward"): mlp_backward,
-    ("mlp", "float64"): lambda ctx: float64(ctx, "mlp"),
-    **observe_sequence.UNITS,
-}
-
-
-from . import observe_attention  # noqa: E402  (tp_torch_attention's units, same tables)
-
-UNITS.update(observe_attention.UNITS)
+def units_of(assignment: str) -> dict:
+    """The assignment's (layer, step) -> unit table (its gpu/observe.py's UNITS)."""
+    return assignments.get(assignment).load("gpu.observe").UNITS

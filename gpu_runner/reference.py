@@ -20,6 +20,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import assignments
+
 from . import extract, report
 from .launch import EnvironmentFailure, confined_env, grade_module, job_environment
 from .machine import Refused
@@ -33,7 +35,7 @@ def check(src_path: Path, root: Path, reports: Path, cfg, assignment: str, log=p
     """The reference's report (full marks); raises Refused otherwise."""
     folder = reports / ".reference"
     passed = folder / "passed.json"
-    key = cache_key(src_path, root, cfg)
+    key = cache_key(src_path, root, cfg, assignment)
     try:
         if json.loads(passed.read_text()).get("key") == key:
             log(f"gpu_runner: reference solution: full marks (checked before, {passed})")
@@ -45,7 +47,7 @@ def check(src_path: Path, root: Path, reports: Path, cfg, assignment: str, log=p
     # a folder of this run's own: shards of one class (Slurm, Kubernetes) may share `reports`
     run = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
     extract.write_module(source_nb, source_nb, run / "solution.py")
-    plan = make_plan(cfg.sizes, timing=False, cells=extract.gpu_cells(source_nb))
+    plan = make_plan(assignment, cfg.sizes, timing=False, cells=extract.gpu_cells(source_nb))
     try:
         rep = grade_module(NAME, run / "solution.py", run, plan, cfg, assignment,
                            src_path.stem, extract.gpu_cells(source_nb))
@@ -79,7 +81,7 @@ def failure(rep: dict, src_path, cfg) -> str:
             f"graded")
 
 
-def cache_key(src_path: Path, root: Path, cfg) -> str:
+def cache_key(src_path: Path, root: Path, cfg, assignment: str) -> str:
     """A digest of everything the reference's result depends on."""
     h = hashlib.sha256()
 
@@ -94,6 +96,10 @@ def cache_key(src_path: Path, root: Path, cfg) -> str:
         base = Path(__file__).resolve().parents[1] / package
         for path in sorted(base.glob("*.py")):
             add(path.name, path.read_bytes())
+    folder = assignments.get(assignment).folder       # its units, checks and dense references
+    for path in sorted([*folder.glob("*.py"), *folder.glob("gpu/*.py")]):
+        if path.stem != "examples":
+            add(path.relative_to(folder).as_posix(), path.read_bytes())
     add(sys.version, sys.executable, _version("torch"), _version("nbgrader"))
     add(cfg.backend, cfg.sizes, cfg.pg_timeout, cfg.unit_timeout, cfg.launch_timeout,
         cfg.wall_factor, cfg.max_launches, cfg.wrap is not None, sorted(cfg.env.items()))

@@ -8,7 +8,7 @@ after a fault or never ran count as failed, with the reason as their detail.
 The comment of a cell (the gradebook's, shown in the feedback) lists every failed check with
 its diagnosis, once per check with the world sizes it failed at; it names nothing the student
 cannot see (no grader paths: those stay in the report's "launches"). A diagnosis can quote what
-a rank raised (the student's text): each is one line of plain text (tpgrader.student_text), so
+a rank raised (the student's text): each is one line of plain text (tpjudge.student_text), so
 the comment, markdown in the feedback and the formgrader, stays one list item per check.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from tpgrader.student_text import one_line
+from tpjudge.student_text import one_line
 
 from . import machine
 from .plan import planned_checks

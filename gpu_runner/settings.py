@@ -11,9 +11,8 @@ from traitlets.config import Configurable
 
 class GpuRunner(Configurable):
     world_sizes = List(Integer(), default_value=[1, 2, 3, 4], help=(
-        "The world sizes every submission of a torch assignment (tp_torch, tp_torch_sequence) "
-        "is graded at (one torchrun launch of "
-        "max(world_sizes) ranks; the smaller sizes run on sub-groups). The same on every "
+        "The world sizes every submission of a torch assignment is graded at (one torchrun "
+        "launch of max(world_sizes) ranks; the smaller sizes run on sub-groups). The same on every "
         "machine: NCCL is used only where there are at least max(world_sizes) GPUs, gloo on "
         "CPU otherwise.")).tag(config=True)
 
@@ -27,5 +26,5 @@ class GpuRunner(Configurable):
 
 def course_world_sizes(root) -> tuple[int, ...]:
     """c.GpuRunner.world_sizes of the course's nbgrader_config.py (default 1-4)."""
-    from tpgrader import load_config
+    from tpconfig import load_config
     return tuple(GpuRunner(config=load_config(str(root))).world_sizes)

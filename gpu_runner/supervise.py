@@ -2,7 +2,7 @@
 
     python -m gpu_runner.supervise --timeout S [--wall-factor F] --result FILE -- CMD...
 
-The limit is S seconds of CPU time of the job's processes together (tpsandbox.cputime: a busy
+The limit is S seconds of CPU time of the job's processes together (tpsim.cputime: a busy
 machine makes the job take longer, not run out), with a wall-clock backstop F times longer.
 
 torchrun starts every worker in a session of its own (start_new_session), so killing
@@ -31,7 +31,7 @@ import uuid
 
 import psutil
 
-from tpsandbox import cputime
+from tpsim import cputime
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 TAG = "GPU_RUNNER_JOB"

@@ -1,6 +1,7 @@
 """Communication vs computation per world size (the seeds' exercise), measured and plotted.
 
-On each rank of the group, a layer's forward+backward runs ITERS times under the torch
+On each rank of the group, a layer of the assignment's TIMED_LAYERS (built by its
+gpu/observe.py's timed_layer) runs forward+backward ITERS times under the torch
 profiler. Communication time is what the backend spends in collectives: the duration of the
 "gloo:<op>" events (gloo runs each collective synchronously on a worker thread), or on GPUs
 the device time of the NCCL kernels. Compute is the rest of the wall time (CPU) or the other
@@ -18,21 +19,12 @@ CPU_DIMS = {"batch": 32, "hidden": 256, "ffn": 1024}
 GPU_DIMS = {"batch": 4096, "hidden": 4096, "ffn": 16384}
 
 
-def _layer(ctx, layer: str, dims):
-    m, h, f = ctx.m, dims["hidden"], dims["ffn"]
-    if layer == "column":
-        return ctx.build(m.ColumnParallelLinear, h, f), (dims["batch"], h)
-    if layer == "row":
-        return ctx.build(m.RowParallelLinear, f, h), (dims["batch"], (f // ctx.size) + (
-            1 if ctx.rank < f % ctx.size else 0))
-    return ctx.build(m.ParallelMLP, h, f), (dims["batch"], h)
-
-
-def measure(ctx, layer: str) -> dict:
-    """{"total_ms", "comm_ms", "compute_ms"} per forward+backward on this rank."""
+def measure(ctx, build) -> dict:
+    """{"total_ms", "comm_ms", "compute_ms"} per forward+backward on this rank of the layer
+    `build(dims)` returns, with the shape of its input (an assignment's observe.timed_layer)."""
     cuda = ctx.device.type == "cuda"
     dims = GPU_DIMS if cuda else CPU_DIMS
-    module, shape = _layer(ctx, layer, dims)
+    module, shape = build(dims)
     x = torch.randn(*shape, device=ctx.device, requires_grad=True)
 
     def step():

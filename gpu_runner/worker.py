@@ -1,20 +1,21 @@
 """The torchrun entry point: one process per rank, all units of a submission in one launch.
 
     python -m torch.distributed.run --standalone --nproc-per-node W -m gpu_runner.worker \
-        --module solution.py --out DIR --units column.forward@2,... --sizes 1,2,3,4
+        --assignment NAME --module solution.py --out DIR --units column.forward@2,... \
+        --sizes 1,2,3,4
 
 Every rank appends JSON lines to DIR/rank<R>.jsonl, flushed as it goes, so whatever happens
 to the job the launcher knows which units finished: "start" and "end" per unit (with what the
-unit observed, gpu_runner.observe: data only, judged in the grader by gpu_runner.judge),
-"watchdog" when a unit ran past --step-timeout of CPU time (then the rank exits), "abort" when
-the group gave up after a collective failed, "env_error" when the process groups could not be
-set up, "bye" on a clean exit.
+unit observed, the assignment's gpu/observe.py: data only, judged in the grader by its
+gpu/judge.py), "watchdog" when a unit ran past --step-timeout of CPU time (then the rank
+exits), "abort" when the group gave up after a collective failed, "env_error" when the process
+groups could not be set up, "bye" on a clean exit.
 
 Order: the rank's GPU is selected (NCCL), the process groups are created and warmed up (one
 collective each), and only then is the student's module imported: a set-up that hangs or fails
 is the environment's, reported as such (the student is not graded), never charged to the
-student. The checks of "no process group" run with the default group hidden
-(observe.no_default_group).
+student. The plan's UNGROUPED units (the checks of "no process group") run on every rank with
+the default group hidden (observe.no_default_group).
 
 Groups: the default group has all W ranks; world size p < W runs on a sub-group of the last p
 ranks (dist.new_group, created once by every rank in the same order). Each size also gets a
@@ -37,11 +38,12 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from tpsandbox import cputime
+import assignments
+from tpsim import cputime
 
 from . import counting, machine, observe, timing
 from .data import seed_of
-from .plan import Unit
+from .plan import Unit, plan_of
 
 EXIT_ABORT, EXIT_WATCHDOG, EXIT_ENV = 3, 4, 5
 
@@ -60,7 +62,7 @@ class Recorder:
 
 class Watchdog(threading.Thread):
     """Kills this rank when a unit runs too long (a loop with no collective to time out): past
-    `seconds` of this rank's CPU time (its process and what it forks: tpsandbox.cputime, so a
+    `seconds` of this rank's CPU time (its process and what it forks: tpsim.cputime, so a
     busy machine does not make a correct unit late), or `wall_factor` times as long on the
     clock. The set-up (the environment's, before any student code) is timed on the clock."""
 
@@ -108,6 +110,7 @@ def load_module(path):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assignment", required=True, help="whose units (assignments/<name>/gpu)")
     ap.add_argument("--module", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--units", required=True, help="comma-separated unit ids to run")
@@ -130,7 +133,7 @@ def main(argv=None):
     rec = Recorder(os.path.join(args.out, f"rank{rank}.jsonl"), args.launch)
     rec.write(event="hello", pid=os.getpid(), uid=os.getuid(), rank=rank, world=world,
               sandboxed=os.environ.get("TPCOURSE_SANDBOXED") == "1")
-    units = [Unit.parse(u) for u in args.units.split(",") if u]
+    units = [Unit.parse(u, args.assignment) for u in args.units.split(",") if u]
     watchdog = Watchdog(args.step_timeout, rec, args.wall_factor)
     watchdog.start()
 
@@ -149,6 +152,9 @@ def main(argv=None):
         finish(rec, EXIT_ENV)
     watchdog.disarm()
 
+    # the assignment's units, imported before the student's module could plant fakes of them
+    own = assignments.get(args.assignment).load("gpu.observe")
+    ungrouped = getattr(plan_of(args.assignment), "UNGROUPED", ())
     watchdog.arm("import")
     try:
         module = load_module(args.module)
@@ -164,16 +170,16 @@ def main(argv=None):
     for unit in units:
         members = unit.members(world)
         fault = None
-        seed = seed_of(unit.kind, unit.step)
-        if unit.step == "nopg":          # on every rank, with the default group hidden
+        seed = seed_of(unit)
+        if (unit.kind, unit.step) in ungrouped:    # every rank, the default group hidden
             fault = run_unit(unit, observe.Ctx(module, None, 1, 0, device, None, seed), rec,
-                             watchdog)
+                             watchdog, own)
         elif rank in members:
             group, control = groups[unit.size]
             ctx = observe.Ctx(module, group, unit.size, rank - members.start, device, control,
                               seed)
             with strict() if unit.graded else contextlib.nullcontext():
-                fault = run_unit(unit, ctx, rec, watchdog)
+                fault = run_unit(unit, ctx, rec, watchdog, own)
         else:
             rec.write(event="idle", unit=unit.id)
         try:
@@ -220,17 +226,18 @@ def warm_up(groups, rank, world, device):
         dist.barrier(group=control)
 
 
-def run_unit(unit: Unit, ctx, rec, watchdog):
-    """Run one unit on this rank and record what it observed; returns a fault description or
-    None."""
+def run_unit(unit: Unit, ctx, rec, watchdog, own):
+    """Run one unit on this rank (`own`: its assignment's gpu/observe.py) and record what it
+    observed; returns a fault description or None."""
     rec.write(event="start", unit=unit.id)
     watchdog.arm(unit.id)
     status, error, extra = "ok", "", {}
     try:
         if unit.kind == "timing":
-            extra["timing"] = ctx.phase(lambda: timing.measure(ctx, unit.step))
+            extra["timing"] = ctx.phase(lambda: timing.measure(
+                ctx, lambda dims: own.timed_layer(ctx, unit.step, dims)))
         else:
-            observe.UNITS[(unit.kind, unit.step)](ctx)
+            own.UNITS[(unit.kind, unit.step)](ctx)
     except observe.PhaseFailed as exc:
         status, error = "failed", str(exc)
     except Exception as exc:  # the harness itself on bad student objects: a failed unit

@@ -1,8 +1,9 @@
 """What a person sees, in a real browser at 1366 x 768: headless Chromium and chromedriver from
 Debian's packages (`.ci/setup-system.sh`), driven by selenium (pinned), nothing downloaded.
 
-One small graded course in this module's temporary folder: tp_linear with the classic
-`bias_every_rank` mistake (autograded: kernel and judge), and tp_torch reduced to its setup cell
+One small graded course in this module's temporary folder: the course's first numpy assignment
+with its classic `bias_every_rank` mistake (autograded: kernel and judge), and its first torch
+assignment reduced to its setup cell
 and its gpu_* task cells, whose scores and comments are written straight into the gradebook
 through gpu_runner.gradebook.write_scores (the runner itself is slow on gloo and tested
 elsewhere), with a gpu report attached to the feedback. Then `jupyter lab` serves it on
@@ -10,12 +11,12 @@ elsewhere), with a gpu report attached to the feedback. Then `jupyter lab` serve
 
 - the feedback page of the mistake: the failed check's explanation is the verdict the judge
   wrote, whole, wrapped, on screen, without sideways scrolling, at the top and in the cell;
-- the tp_torch feedback page: the failing gpu_* cell's comment and the gpu report's plot;
+- the torch assignment's feedback page: the failing gpu_* cell's comment and the gpu report's plot;
 - the formgrader: the gpu_* scores and comments, and a markdown table whose cells do not run
   together;
 - the student's notebook in JupyterLab after Run All: the self-check names the failed checks
   with the same messages as the grader;
-- a second tp_linear student whose row_parallel cell writes markup (a script, a style that
+- a second student of the first numpy assignment whose row_parallel cell writes markup (a script, a style that
   hides the summary, an overlay saying "All checks passed") into everything a cell can: what
   it prints and displays, JavaScript, an added markdown cell, and its exception's class name
   and message. On the feedback page and the formgrader's page of that submission nothing of it
@@ -40,7 +41,8 @@ from pathlib import Path
 import pytest
 from selenium.webdriver.common.by import By
 
-from tpcourse.examples.numpy_students import BIAS_EVERY_RANK
+import assignments
+from tpcourse.catalogue import students
 from tpcourse.submissions import Submission, build
 from tpjudge.cells import gpu_cells, grade_id, is_given, is_self_check, read
 
@@ -52,6 +54,9 @@ pytestmark = [
         "(.ci/setup-system.sh installs them; `make test` runs it)")),
 ]
 
+NUMPY = next(a.name for a in assignments.discover() if a.kind == "numpy")
+TORCH = next(a.name for a in assignments.discover() if a.has_gpu)
+BIAS_EVERY_RANK = next(s for s in students(NUMPY) if s.student == "bias_every_rank")
 STUDENT = BIAS_EVERY_RANK.student
 DEFACER = "defacer"
 # What the defacing student writes everywhere: it would set window.tpInjected and the title,
@@ -87,40 +92,40 @@ GPU_SCORES = {
 # -- the course -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def course(make_course):
-    course = make_course("browser", assignments=["tp_linear", "tp_torch"])
-    _reduce_torch_notebook(course.root / "source" / "tp_torch" / "tp_torch.ipynb")
+    course = make_course("browser", assignments=[NUMPY, TORCH])
+    _reduce_torch_notebook(course.root / "source" / TORCH / f"{TORCH}.ipynb")
     course.generate("*")
     source, release = course.root / "source", course.root / "release"
     notebooks = build(BIAS_EVERY_RANK, source, release)
-    course.place_submission(STUDENT, "tp_linear", notebooks)
-    defacing = build(Submission(DEFACER, "tp_linear", {
-        "tp_linear": {"sol_row_parallel": DEFACING_ROW_PARALLEL}}), source, release)
+    course.place_submission(STUDENT, NUMPY, notebooks)
+    defacing = build(Submission(DEFACER, NUMPY, {
+        NUMPY: {"sol_row_parallel": DEFACING_ROW_PARALLEL}}), source, release)
     from nbformat.v4 import new_markdown_cell
-    defacing["tp_linear.ipynb"].cells.insert(2, new_markdown_cell(f"A note.\n\n{MARKUP}"))
-    course.place_submission(DEFACER, "tp_linear", defacing)
-    work = course.student_home(STUDENT) / "tp_linear"     # what the student has open
+    defacing[f"{NUMPY}.ipynb"].cells.insert(2, new_markdown_cell(f"A note.\n\n{MARKUP}"))
+    course.place_submission(DEFACER, NUMPY, defacing)
+    work = course.student_home(STUDENT) / NUMPY     # what the student has open
     work.mkdir(parents=True)
     import nbformat
     for name, nb in notebooks.items():
         nbformat.write(nb, str(work / name))
-    course.place_submission(STUDENT, "tp_torch",
-                            {p.name: read(p) for p in (release / "tp_torch").glob("*.ipynb")})
+    course.place_submission(STUDENT, TORCH,
+                            {p.name: read(p) for p in (release / TORCH).glob("*.ipynb")})
     course.name_students({STUDENT: ("Example", "Bias Every Rank")})
     course.autograde("*")
     from gpu_runner.gradebook import write_scores
-    cells = gpu_cells(read(source / "tp_torch" / "tp_torch.ipynb"))
+    cells = gpu_cells(read(source / TORCH / f"{TORCH}.ipynb"))
     scores = {gid: GPU_SCORES.get(gid, (points, "gpu_runner: all checks passed."))
               for gid, points in cells.items()}
-    write_scores(course.db_url, "tp_torch", "tp_torch", STUDENT, scores)
-    _fake_gpu_report(course.root / "gpu_reports" / "tp_torch" / STUDENT, scores, cells)
+    write_scores(course.db_url, TORCH, TORCH, STUDENT, scores)
+    _fake_gpu_report(course.root / "gpu_reports" / TORCH / STUDENT, scores, cells)
     course.generate_feedback("*")
     from tpgrader.classgrade.gpu_feedback import attach
-    assert attach(course.root, "tp_torch") == [STUDENT]
+    assert attach(course.root, TORCH) == [STUDENT]
     return course
 
 
 def _reduce_torch_notebook(path):
-    """tp_torch with its first two text cells (a markdown table), the setup cell and the
+    """The torch notebook with its first two text cells (a markdown table), the setup cell and the
     gpu_* task cells: a quick autograde, the same gradebook cells the gpu_runner scores."""
     import nbformat
     nb = read(path)
@@ -141,7 +146,7 @@ def _fake_gpu_report(folder, scores, cells):
     fig.savefig(folder / "timing.png", dpi=80)
     plt.close(fig)
     (folder / "report.json").write_text(json.dumps({
-        "student": STUDENT, "assignment": "tp_torch", "notebook": "tp_torch", "backend": "gloo",
+        "student": STUDENT, "assignment": TORCH, "notebook": TORCH, "backend": "gloo",
         "world_sizes": [1, 2, 3, 4], "score": sum(s for s, _ in scores.values()),
         "max_score": sum(cells.values()), "faults": [],
         "cells": {g: {"score": s, "comment": c} for g, (s, c) in scores.items()}}))
@@ -275,9 +280,9 @@ def _words(text) -> str:
 
 # -- the tests --------------------------------------------------------------------------------
 def test_feedback_shows_the_failed_checks_explanation_whole_and_wrapped(course, server, browser):
-    _open(browser, server, f"files/feedback/{STUDENT}/tp_linear/tp_linear.html")
+    _open(browser, server, f"files/feedback/{STUDENT}/{NUMPY}/{NUMPY}.html")
     for gid in BIAS_EVERY_RANK.loses:           # test_row_bias_once, test_row_bias_after_reduce
-        verdict = _verdict(course, "tp_linear", gid)
+        verdict = _verdict(course, NUMPY, gid)
         summary = browser.find_element(
             By.CSS_SELECTOR, f'li.tp-check[data-grade-id="{gid}"] .tp-explanation')
         g = _on_screen_whole(browser, summary)
@@ -297,7 +302,7 @@ def test_feedback_shows_the_failed_checks_explanation_whole_and_wrapped(course, 
 
 
 def test_feedback_shows_a_failing_gpu_cell_and_the_gpu_report(course, server, browser):
-    _open(browser, server, f"files/feedback/{STUDENT}/tp_torch/tp_torch.html")
+    _open(browser, server, f"files/feedback/{STUDENT}/{TORCH}/{TORCH}.html")
     summary = browser.find_element(
         By.CSS_SELECTOR, 'li.tp-check[data-grade-id="gpu_row_forward"] .tp-explanation')
     g = _on_screen_whole(browser, summary)
@@ -313,13 +318,13 @@ def test_feedback_shows_a_failing_gpu_cell_and_the_gpu_report(course, server, br
     g = _on_screen_whole(browser, comment)
     assert "row.forward@2: rank 0 of 2: max abs error 2.49" in g["text"]
     browser.shot("feedback-gpu-cell")
-    assert (course.root / "feedback" / STUDENT / "tp_torch" / "gpu_report" / "timing.png").is_file()
+    assert (course.root / "feedback" / STUDENT / TORCH / "gpu_report" / "timing.png").is_file()
 
 
 def test_formgrader_shows_gpu_scores_comments_and_readable_tables(course, server, browser):
     from nbgrader.api import Gradebook
     with Gradebook(course.db_url) as gb:
-        sub_id = gb.find_submission_notebook("tp_torch", "tp_torch", STUDENT).id
+        sub_id = gb.find_submission_notebook(TORCH, TORCH, STUDENT).id
     _open(browser, server, f"formgrader/submissions/{sub_id}/")
 
     def filled():
@@ -360,7 +365,7 @@ def test_formgrader_shows_gpu_scores_comments_and_readable_tables(course, server
 
 
 def test_the_students_self_check_names_the_mistake_like_the_grader(course, server, browser):
-    _open(browser, server, f"lab/tree/students/{STUDENT}/tp_linear/tp_linear.ipynb")
+    _open(browser, server, f"lab/tree/students/{STUDENT}/{NUMPY}/{NUMPY}.ipynb")
 
     def idle():
         """the notebook's kernel to be idle"""
@@ -385,7 +390,7 @@ def test_the_students_self_check_names_the_mistake_like_the_grader(course, serve
     browser.shot("jupyterlab-self-check")
     assert "2 of 11 checks FAIL" in text
     for gid in BIAS_EVERY_RANK.loses:
-        assert f"FAILED {gid} (hidden test): {_words(_verdict(course, 'tp_linear', gid))}" in text
+        assert f"FAILED {gid} (hidden test): {_words(_verdict(course, NUMPY, gid))}" in text
     # The diagrams fit: the column-parallel one, drawn in 80 columns, whole on screen with the
     # file browser open.
     diagram = browser.find_element(
@@ -394,7 +399,7 @@ def test_the_students_self_check_names_the_mistake_like_the_grader(course, serve
     _on_screen_whole(browser, diagram)
     browser.shot("jupyterlab-diagram")
     # The self-check cells themselves are not part of any grade: the grader left them unrun.
-    graded = read(course.root / "autograded" / STUDENT / "tp_linear" / "tp_linear.ipynb")
+    graded = read(course.root / "autograded" / STUDENT / NUMPY / f"{NUMPY}.ipynb")
     assert all(not c.outputs for c in graded.cells if is_self_check(c))
 
 
@@ -421,10 +426,10 @@ return top === el || el.contains(top);"""
 
 
 def test_a_defacing_submission_runs_nothing_and_hides_no_lost_point(course, server, browser):
-    grades = _grades(course, DEFACER, "tp_linear")
+    grades = _grades(course, DEFACER, NUMPY)
     lost = {gid: (score, top) for gid, (score, top) in grades.items() if score < top}
     assert "test_row_small" in lost          # its row_parallel raised: the row checks lost
-    _open(browser, server, f"files/feedback/{DEFACER}/tp_linear/tp_linear.html")
+    _open(browser, server, f"files/feedback/{DEFACER}/{NUMPY}/{NUMPY}.html")
     _nothing_ran(browser)
     header = browser.find_element(By.XPATH, "//h5[starts-with(., 'What to fix')]")
     assert _words(_on_screen_whole(browser, header)["text"]) == \
@@ -447,7 +452,7 @@ def test_a_defacing_submission_runs_nothing_and_hides_no_lost_point(course, serv
     browser.shot("feedback-defacer-cell")
     from nbgrader.api import Gradebook
     with Gradebook(course.db_url) as gb:
-        sub_id = gb.find_submission_notebook("tp_linear", "tp_linear", DEFACER).id
+        sub_id = gb.find_submission_notebook(NUMPY, NUMPY, DEFACER).id
     _open(browser, server, f"formgrader/submissions/{sub_id}/")
     _wait(browser, lambda: browser.execute_script(
         "return document.readyState === 'complete'"))

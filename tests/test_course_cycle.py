@@ -1,11 +1,12 @@
-"""The real nbgrader cycle on the numpy assignments, in one temporary course for the module.
+"""The real nbgrader cycle on the numpy assignments (the registry's), in one temporary course for
+the module.
 
 generate_assignment, then per assignment the reference, the unmodified release, the first two
 catalogued mistakes, the first valid alternative, and the looping and crashing students, in ONE
 `nbgrader autograde` call (sandboxed, judged), then generate_feedback and export. The first
 reference student goes through the real exchange (release, fetch, submit, collect); the rest
 are placed where `collect` puts them. Every other catalogued student is graded by the same
-judge in-process (tests/test_judge_catalogue.py): what only nbgrader can show is shown here.
+judge in-process (tests/test_catalogue.py): what only nbgrader can show is shown here.
 """
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ import nbformat
 
 import pytest
 
-from tpcourse.demo import catalogue, failed, gradebook_scores, is_looping
+import assignments
+from tpcourse.catalogue import as_list, examples, is_looping
+from tpcourse.demo import failed, gradebook_scores
 from tpcourse.submissions import build, grade_id, is_solution, read
 from tpjudge.cells import is_self_check
 
-ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention")
-REFERENCE, UNMODIFIED, CATALOGUE = ([s for s in group if s.assignment in ASSIGNMENTS]
-                                    for group in catalogue())   # every catalogue of CATALOGUES
+ASSIGNMENTS = [a.name for a in assignments.discover() if a.kind == "numpy"]
+REFERENCE, UNMODIFIED, CATALOGUE = ([s for a in ASSIGNMENTS for s in as_list(getattr(examples(a),
+                                                                                      group))]
+                                    for group in ("REFERENCE", "UNMODIFIED", "STUDENTS"))
 
 
 def _representatives(students):

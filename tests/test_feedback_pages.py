@@ -15,6 +15,7 @@ from traitlets.config import Config
 from traitlets.utils.importstring import import_item
 
 import tpgrader
+from tpconfig import load_config
 from tpcourse import REPO
 from tpgrader.classgrade import gpu_feedback
 from tpgrader.preprocessors.feedback_summary import FeedbackSummary
@@ -27,7 +28,7 @@ def _configured() -> Config:
 
 
 def test_the_course_config_serialises_and_nbgrader_can_import_every_entry():
-    c = tpgrader.load_config(str(REPO))
+    c = load_config(str(REPO))
     json.dumps(c)        # the formgrader shows it as JSON ("Formgrader config is not serializable")
     for section, name in [("Autograde", "autograde_preprocessors"),
                           ("GenerateAssignment", "preprocessors"),
@@ -134,10 +135,10 @@ def test_the_summary_names_each_check_and_explains_each_failed_one():
 
 
 def _report_folder(root, student):
-    folder = root / "gpu_reports" / "tp_torch" / student
+    folder = root / "gpu_reports" / "hw_torch" / student
     folder.mkdir(parents=True)
     (folder / "report.json").write_text(json.dumps({
-        "student": student, "notebook": "tp_torch", "backend": "gloo", "world_sizes": [1, 2],
+        "student": student, "notebook": "hw_torch", "backend": "gloo", "world_sizes": [1, 2],
         "score": 20, "max_score": 24, "faults": [{"unit": "mlp.forward@2", "reason": "deadlock"}]}))
     (folder / "timing.png").write_bytes(b"\x89PNG fake")
     return folder
@@ -146,18 +147,18 @@ def _report_folder(root, student):
 def test_the_gpu_report_goes_into_the_feedback_folder_and_page(tmp_path):
     _report_folder(tmp_path, "ada")
     _report_folder(tmp_path, "bob")              # no feedback yet: left alone
-    feedback = tmp_path / "feedback" / "ada" / "tp_torch"
+    feedback = tmp_path / "feedback" / "ada" / "hw_torch"
     feedback.mkdir(parents=True)
-    page = feedback / "tp_torch.html"
-    page.write_text(f"<body><h4>tp_torch</h4>{gpu_feedback.BEGIN}{gpu_feedback.END}<p>cells</p>"
+    page = feedback / "hw_torch.html"
+    page.write_text(f"<body><h4>hw_torch</h4>{gpu_feedback.BEGIN}{gpu_feedback.END}<p>cells</p>"
                     "</body>")
-    assert gpu_feedback.attach(tmp_path, "tp_torch") == ["ada"]
+    assert gpu_feedback.attach(tmp_path, "hw_torch") == ["ada"]
     assert sorted(p.name for p in (feedback / "gpu_report").iterdir()) == ["report.json",
                                                                           "timing.png"]
     once = page.read_text()
     assert "20 / 24" in once and "mlp.forward@2: deadlock" in once
-    assert "data:image/png;base64," in once and once.index("tp_torch</h4>") < once.index("<img")
-    gpu_feedback.attach(tmp_path, "tp_torch")    # again: replaced, not added
+    assert "data:image/png;base64," in once and once.index("hw_torch</h4>") < once.index("<img")
+    gpu_feedback.attach(tmp_path, "hw_torch")    # again: replaced, not added
     assert page.read_text() == once
     assert not (tmp_path / "feedback" / "bob").exists()
 

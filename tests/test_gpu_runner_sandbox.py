@@ -29,15 +29,18 @@ import psutil
 import pytest
 
 from gpu_runner import grade
+import assignments
 from tpcourse import REPO
-from tpcourse.examples import torch_students as cat
+from tpcourse.catalogue import examples
 from tpsandbox import UID_ENV, Sandbox, problem
 from tpcourse.submissions import Submission, build
 
 pytestmark = [pytest.mark.nbgrader,
               pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")]
 
-A = "tp_torch"
+# Exercised on the course's first torch assignment (the registry's).
+A = next(a.name for a in assignments.discover() if a.has_gpu)
+cat = examples(A)
 SECRET = "GPU-RUNNER-SECRET-5b1e"          # heads the source notebook and the gradebook
 MLP_LOSES = {"gpu_mlp_forward", "gpu_mlp_backward", "gpu_collective_counts"}
 MLP_RETURN = "return self.fc2(self.activation(self.fc1(x)))"
@@ -49,7 +52,7 @@ FLAGS = ["--backend", "gloo", "--pg-timeout", "10", "--timeout", "180", "--no-ti
 SNOOP = '''
         import socket
         got = []
-        for path in ({root!r} + "/source/tp_torch/tp_torch.ipynb", {root!r} + "/gradebook.db"):
+        for path in ({root!r} + "/source/{a}/{a}.ipynb", {root!r} + "/gradebook.db"):
             try:
                 with open(path, errors="replace") as f:
                     got.append("stolen " + repr(f.read(150)))
@@ -85,10 +88,10 @@ KILL = '''
 
 
 def _hostile(name, attack, why):
-    answers = dict(cat.REFERENCE)
+    answers = dict(cat.MEGATRON)
     answers["sol_parallel_mlp"] = answers["sol_parallel_mlp"].replace(
         MLP_RETURN, attack.strip("\n").lstrip() + "\n        " + MLP_RETURN)
-    assert answers["sol_parallel_mlp"] != cat.REFERENCE["sol_parallel_mlp"]
+    assert answers["sol_parallel_mlp"] != cat.MEGATRON["sol_parallel_mlp"]
     return Submission(name, A, answers={cat.NOTEBOOK: answers}, loses=frozenset(MLP_LOSES),
                       why=why)
 
@@ -168,7 +171,7 @@ def graded(make_course):
     with _listener() as (port, received), pytest.MonkeyPatch.context() as mp:
         mp.setenv(UID_ENV, str(UID))
         subs = [cat.BY_NAME["torch_reference"],
-                _hostile("torch_h_snoop", SNOOP.format(root=str(root), port=port),
+                _hostile("torch_h_snoop", SNOOP.format(root=str(root), port=port, a=A),
                          "reads the source and the gradebook, writes the course root, "
                          "connects to the grader's loopback"),
                 _hostile("torch_h_kill", KILL, "kill(-1) and kill(parent)")]

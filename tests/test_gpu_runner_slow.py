@@ -1,13 +1,16 @@
 """gpu_runner end to end on CPU/gloo ranks -- SLOW (torchrun launches, a few minutes).
 
-One course for the module: generate tp_torch, place the catalogue's submissions, autograde two
-of them, run `python -m gpu_runner.grade` (gradebook for the autograded two, reports only for
-the rest), then `nbgrader export` and `generate_feedback`. Every submission is one torchrun
+One course for the module, with every torch assignment of the registry. The first one in depth:
+generate it, place its catalogue's submissions, autograde two of them, run
+`python -m gpu_runner.grade` (gradebook for the autograded two, reports only for the rest), then
+`nbgrader export` and `generate_feedback`. Every other one: its source's own solution graded
+first (the reference: full marks, one launch) and the students its examples' DEMO names, each
+losing exactly its gpu_* cells. Every submission is one torchrun
 launch for world sizes 1-4, plus a relaunch only where a fault forces one; the first grader
 call first grades the source's own solution (the reference), the second finds it done. This is
 the path CI runs (no GPU there); on a GPU machine the same command picks NCCL.
 
-The hostile submissions (cat.HOSTILE) each carry one of the wrong answers: they stand in for
+The rank attacks (its RANK_ATTACKS) each carry one of the wrong answers: they stand in for
 those wrong students in this batch (an attack can only raise a grade, so losing exactly the
 wrong answer's cells shows both that the answer is caught and that the attack gained nothing).
 """
@@ -22,16 +25,18 @@ import sys
 import psutil
 import pytest
 
+import assignments
 from tpcourse import REPO
-from tpcourse.examples import torch_attention_students as attn
-from tpcourse.examples import torch_students as cat
+from tpcourse.catalogue import examples
 from tpcourse.submissions import build
 
 pytestmark = [pytest.mark.nbgrader]
 
-ASSIGNMENT = "tp_torch"
+TORCH = [a.name for a in assignments.discover() if a.has_gpu]
+ASSIGNMENT, OTHERS = TORCH[0], TORCH[1:]
+cat = examples(ASSIGNMENT)
 IN_GRADEBOOK = ["torch_reference", "torch_bias_every_rank"]
-HOSTILE = [s.student for s in cat.HOSTILE]
+HOSTILE = [s.student for s in cat.RANK_ATTACKS]
 # torch_local_shard, torch_plain_collectives and torch_allreduce_in_column are graded as the
 # hostile students that carry their answers
 REQUIRED_WRONG = ["torch_two_allreduces_mlp", "torch_wrong_shard", "torch_no_shape_check"]
@@ -50,7 +55,7 @@ def _grade(root, students, *extra, assignment=ASSIGNMENT):
 
 @pytest.fixture(scope="module")
 def course(make_course):
-    course = make_course("gpu_runner", [ASSIGNMENT, attn.ASSIGNMENT], extra_config="")
+    course = make_course("gpu_runner", TORCH, extra_config="")
     course.generate(ASSIGNMENT)
     for name in IN_GRADEBOOK:
         course.place_submission(name, ASSIGNMENT, build(cat.BY_NAME[name]))
@@ -181,12 +186,12 @@ def test_no_worker_outlives_its_launch(course):
 def test_scores_are_in_the_gradebook_export_and_feedback(course):
     for student in IN_GRADEBOOK:
         rep = _report(course, student)
-        scores = course.scores(ASSIGNMENT, student)["tp_torch"]
+        scores = course.scores(ASSIGNMENT, student)[ASSIGNMENT]
         for gid, cell in rep["cells"].items():
             assert scores[gid] == pytest.approx((cell["score"], cell["points"])), gid
     grades = {row["student_id"]: row for row in csv.DictReader(open(course.export()))}
     for student in IN_GRADEBOOK:
-        scores = course.scores(ASSIGNMENT, student)["tp_torch"]
+        scores = course.scores(ASSIGNMENT, student)[ASSIGNMENT]
         assert float(grades[student]["score"]) == pytest.approx(
             sum(s for s, _ in scores.values()), abs=1e-3)
         assert float(grades[student]["max_score"]) == pytest.approx(
@@ -195,7 +200,7 @@ def test_scores_are_in_the_gradebook_export_and_feedback(course):
     lost = sum(c["points"] - c["score"] for c in _report(course, IN_GRADEBOOK[1])["cells"].values())
     assert lost > 0 and ref - bias >= lost - 1e-3        # the gpu points are in the total
     course.generate_feedback(ASSIGNMENT)
-    html = course.feedback_html(ASSIGNMENT, "torch_bias_every_rank")["tp_torch.html"]
+    html = course.feedback_html(ASSIGNMENT, "torch_bias_every_rank")[f"{ASSIGNMENT}.html"]
     assert "gpu_runner (gloo, world sizes 1, 2, 3, 4)" in html
     # every failed check with its diagnosis, the world size and the rank; no grader paths
     assert "row.forward (world sizes 2, 3, 4): rank 0 of 2: the output" in html
@@ -204,80 +209,40 @@ def test_scores_are_in_the_gradebook_export_and_feedback(course):
 
 
 
-# -- tp_torch_sequence: the reference and two wrong students, one torchrun launch each --------------
-# (its scores reaching the gradebook: test_torch_notebook.py, with --load-reports)
-SEQUENCE_WRONG = ["tseq_layernorm_gathered", "tseq_ce_gathers_logits"]
-
-
+# -- every other torch assignment: its reference graded first, then its demo students ----------
+# (their scores reaching the gradebook: test_torch_notebooks.py, with --load-reports; every
+# student of every catalogue on forked ranks: test_catalogue.py)
 @pytest.fixture(scope="module")
-def sequence_course(make_course):
-    """The source's own solution (graded first, as the reference) and two wrong students:
-    numbers judged in the grader, and the collectives' kinds and sizes."""
-    from tpcourse.examples import torch_sequence_students as seq
-    course = make_course("gpu_runner_sequence", [seq.ASSIGNMENT], extra_config="")
-    course.generate(seq.ASSIGNMENT)
-    for name in SEQUENCE_WRONG:
-        course.place_submission(name, seq.ASSIGNMENT, build(seq.BY_NAME[name]))
-    cmd = [sys.executable, "-m", "gpu_runner.grade", seq.ASSIGNMENT, "--course-root",
-           str(course.root), *FLAGS, "--no-timing", "--no-gradebook"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    course.seq, course.reports = seq, course.root / "gpu_reports" / seq.ASSIGNMENT
-    return course
+def others(course):
+    """`python -m gpu_runner.grade NAME` (reports only) for each: the source's own solution
+    first (it must get full marks), then the students its examples' DEMO names, one torchrun
+    launch each."""
+    reports = {}
+    for name in OTHERS:
+        by_name = {s.student: s for s in examples(name).ALL}
+        for student in examples(name).DEMO:
+            course.place_submission(student, name, build(by_name[student]))
+        run = _grade(course.root, examples(name).DEMO, "--no-gradebook", "--no-timing",
+                     "--step-timeout", "60",      # a timing unit takes seconds on a loaded box
+                     assignment=name)
+        assert run.returncode == 0, run.stdout + run.stderr
+        reports[name] = course.root / "gpu_reports" / name
+    return reports
 
 
-def test_sequence_reference_full_marks_at_world_sizes_1_to_4_in_one_launch(sequence_course):
-    seq = sequence_course.seq
-    rep = json.loads((sequence_course.reports / ".reference" / "report.json").read_text())
-    assert rep["score"] == rep["max_score"] == sum(seq.GPU_CELLS.values())
-    assert rep["world_sizes"] == [1, 2, 3, 4] and rep["sandboxed"] and rep["backend"] == "gloo"
-    assert set(rep["cells"]) == set(seq.GPU_CELLS)
-    assert len(rep["launches"]) == 1 and not rep["faults"]
+@pytest.mark.parametrize("name", OTHERS)
+def test_the_reference_gets_full_marks_in_the_sandbox_in_one_launch(others, name):
+    ref = json.loads((others[name] / ".reference" / "report.json").read_text())
+    assert ref["score"] == ref["max_score"] == sum(examples(name).GPU_CELLS.values())
+    assert ref["world_sizes"] == [1, 2, 3, 4] and ref["sandboxed"] and ref["backend"] == "gloo"
+    assert set(ref["cells"]) == set(examples(name).GPU_CELLS)
+    assert len(ref["launches"]) == 1 and not ref["faults"]
 
 
-@pytest.mark.parametrize("student, says", [
-    ("tseq_layernorm_gathered", "LayerNorm ran on the gathered tensor"),
-    ("tseq_ce_gathers_logits", "the logits travelled"),
-])
-def test_sequence_wrong_students_lose_exactly_their_cells(sequence_course, student, says):
-    rep = json.loads((sequence_course.reports / student / "report.json").read_text())
-    sub = sequence_course.seq.BY_NAME[student]
-    assert _lost(rep) == set(sub.loses), {g: c["comment"] for g, c in rep["cells"].items()}
-    assert not rep["faults"] and len(rep["launches"]) == 1
-    assert says in " ".join(c["comment"] for c in rep["cells"].values())
-
-
-# -- tp_torch_attention: one batch, its reference graded first, then a wrong student -----------------
-# (the reference is graded by the runner itself before any student, in the same sandbox and
-# launches; each layer mistake is graded on forked ranks in test_torch_attention.py)
-ATTN_WRONG = ["tattn_no_barrier"]
-
-
-@pytest.fixture(scope="module")
-def attention(course):
-    """`python -m gpu_runner.grade tp_torch_attention` (reports only): two torchrun launches,
-    the source's own solution first (it must get full marks), then a timing without barriers."""
-    for name in ATTN_WRONG:
-        course.place_submission(name, attn.ASSIGNMENT, build(attn.BY_NAME[name]))
-    run = _grade(course.root, ATTN_WRONG, "--no-gradebook", "--step-timeout", "60",
-                 assignment=attn.ASSIGNMENT)     # the timing unit takes seconds on a loaded box
-    assert run.returncode == 0, run.stdout + run.stderr
-    return course.root / "gpu_reports" / attn.ASSIGNMENT
-
-
-def test_attention_reference_gets_full_marks_in_the_sandbox(attention):
-    ref = json.loads((attention / ".reference" / "report.json").read_text())
-    assert ref["score"] == ref["max_score"] == sum(attn.GPU_CELLS.values())
-    assert ref["world_sizes"] == [1, 2, 3, 4] and ref["sandboxed"] and len(ref["launches"]) == 1
-    assert ref["checks"]["overhead.agrees@2"]["ok"] and ref["checks"]["overhead.barrier@2"]["ok"]
-
-
-@pytest.mark.parametrize("student", ATTN_WRONG)
-def test_attention_mistakes_lose_their_cells_under_torchrun(attention, student):
-    rep = json.loads((attention / student / "report.json").read_text())
-    sub = attn.BY_NAME[student]
-    assert _lost(rep) == sub.loses & set(attn.GPU_CELLS), {
+@pytest.mark.parametrize("name, student", [(n, s) for n in OTHERS for s in examples(n).DEMO])
+def test_a_demo_student_loses_exactly_its_cells_under_torchrun(others, name, student):
+    rep = json.loads((others[name] / student / "report.json").read_text())
+    sub = next(s for s in examples(name).ALL if s.student == student)
+    assert _lost(rep) == set(sub.loses) & set(examples(name).GPU_CELLS), {
         g: c["comment"] for g, c in rep["cells"].items()}
     assert not rep["faults"] and len(rep["launches"]) == 1
-    if student == "tattn_no_barrier":
-        assert "timed the wait" in rep["cells"]["gpu_timing"]["comment"]

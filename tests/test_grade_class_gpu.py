@@ -1,4 +1,4 @@
-"""grade_class's gpu stage: `ClassGrader` on tp_torch hands the gpu_* task cells to the
+"""grade_class's gpu stage: `ClassGrader` on a torch assignment hands the gpu_* task cells to the
 gpu_runner (sandboxed torchrun jobs on CPU/gloo ranks), the scores land in the gradebook and
 the export, and a rerun skips the students whose submission did not change -- SLOW (three
 class runs, three torchrun launches, about two minutes). Then the same class graded by the
@@ -18,15 +18,18 @@ import pytest
 
 from gpu_runner.grade import FLAGS_ENV
 from tpgrader.classgrade import ClassGrader
+import assignments
 from tpcourse import REPO
-from tpcourse.examples import torch_students as cat
+from tpcourse.catalogue import examples
 from tpsandbox import problem
 from tpcourse.submissions import build
 
 pytestmark = [pytest.mark.nbgrader,
               pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")]
 
-A = "tp_torch"
+# Exercised on the course's first torch assignment (the registry's).
+A = next(a.name for a in assignments.discover() if a.has_gpu)
+cat = examples(A)
 REF, WRONG = "torch_reference", "torch_local_shard"
 RUNNER_FLAGS = "--no-timing --pg-timeout 10 --timeout 300"
 GPU_TOTAL = sum(cat.GPU_CELLS.values())

@@ -2,8 +2,8 @@
 (issue 4): each hostile student loses exactly the affected points with the reason in its
 feedback, every other student gets the grade they get alone, and the batch completes.
 
-The forgers (tpcourse.examples.forgers: in-process attacks on the checks, each with a wrong
-answer) are in the same run, through the sandboxed judge: each loses exactly what its wrong
+The forgers (the assignment's FORGERS, tpcourse.forgery: in-process attacks on the checks, each
+with a wrong answer) are in the same run, through the sandboxed judge: each loses exactly what its wrong
 answer loses, and is flagged in the gradebook, the feedback and the class table."""
 from __future__ import annotations
 
@@ -14,40 +14,45 @@ import pytest
 
 from tpgrader.classgrade import ClassGrader
 from tpgrader.classgrade.summary import table
-from tpcourse.examples import forgers as F
-from tpcourse.examples import hostile_students as H
-from tpcourse.examples import numpy_students as N
-from tpjudge import local, reach
+from tpcourse.catalogue import recorded
+from tpjudge import reach
 from tpjudge.cells import read, reference_answers
 from tpsandbox import problem
 from tpcourse.submissions import build
+
+import assignments
+from tpcourse.catalogue import examples, students
+
+# Exercised on the assignment whose examples hold the hostile students (their HOSTILE).
+A = next(a for a in assignments.names() if getattr(examples(a), "HOSTILE", ()))
+H = examples(A).hostile
 
 pytestmark = [pytest.mark.nbgrader,
               pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")]
 
 # 15 s per cell: room for importing torch on a loaded 2-core machine, and still a real timeout.
 CONFIG = "from tpgrader import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
-ORDINARY = [s for s in N.ALL if s.assignment == H.ASSIGNMENT and s.student in
+ORDINARY = [s for s in students(A) if s.student in
             ("reference", "local_shard", "bias_every_rank", "alt_einsum")]
 # In this (sandboxed, nbgrader) run: a planted module, a trace hook, a forged collective log.
 # All forgers are judged in-process in test_judge_catalogue.
-FORGERS = [f for f in F.FORGERS if f.student in ("f_planted_module", "f_trace_hook",
+FORGERS = [f for f in examples(A).FORGERS if f.student in ("f_planted_module", "f_trace_hook",
                                                  "f_forged_log")]
 
 
 @pytest.fixture(scope="module")
 def batch(make_course):
-    course = make_course("hostile", assignments=[H.ASSIGNMENT], extra_config=CONFIG)
-    course.generate(H.ASSIGNMENT)
+    course = make_course("hostile", assignments=[A], extra_config=CONFIG)
+    course.generate(A)
     for h in H.HOSTILE:
-        course.place_submission(h.student, H.ASSIGNMENT, H.notebooks(h))
+        course.place_submission(h.student, A, H.notebooks(h))
     for sub in ORDINARY:
-        course.place_submission(sub.student, H.ASSIGNMENT, build(sub))
-    reference = reference_answers(read(course.root / "source" / H.ASSIGNMENT / "tp_linear.ipynb"))
+        course.place_submission(sub.student, A, build(sub))
+    reference = reference_answers(read(course.root / "source" / A / f"{A}.ipynb"))
     for f in FORGERS:
-        course.place_submission(f.student, H.ASSIGNMENT, build(F.submission(f, reference)))
+        course.place_submission(f.student, A, build(f.submission(reference)))
     with _listening_on_loopback(H.GRADER_PORT):   # what h_network must not reach
-        outcomes = ClassGrader(course.root, H.ASSIGNMENT, progress=False).run()
+        outcomes = ClassGrader(course.root, A, progress=False).run()
     return course, {o.student: o for o in outcomes}
 
 
@@ -73,20 +78,20 @@ def test_the_batch_completes_with_every_student_graded(batch):
 @pytest.mark.parametrize("hostile", H.HOSTILE, ids=lambda h: h.student)
 def test_hostile_student_loses_the_affected_points_with_a_reason(batch, hostile):
     course, _ = batch
-    [(nb, grades)] = course.scores(H.ASSIGNMENT, hostile.student).items()
+    [(nb, grades)] = course.scores(A, hostile.student).items()
     lose, keep = H.expected_losers(hostile, {g: m for g, (_, m) in grades.items()})
     lost = {g for g, (score, top) in grades.items() if score < top}
     assert lose <= lost, f"{hostile.why}: should lose {sorted(lose - lost)}"
     assert not (keep & lost), f"{hostile.why}: should keep {sorted(keep & lost)}"
-    html = "".join(course.feedback_html(H.ASSIGNMENT, hostile.student).values())
+    html = "".join(course.feedback_html(A, hostile.student).values())
     assert H.reason_found(hostile, html), f"no /{hostile.reason}/ in the feedback"
 
 
 @pytest.mark.parametrize("sub", ORDINARY, ids=lambda s: s.student)
 def test_ordinary_student_gets_the_grade_it_gets_alone(batch, sub):
-    """numpy_students' expectations are what a stock `nbgrader autograde` gives each alone."""
+    """The catalogue's expectations are what a stock `nbgrader autograde` gives each alone."""
     course, _ = batch
-    [(nb, grades)] = course.scores(H.ASSIGNMENT, sub.student).items()
+    [(nb, grades)] = course.scores(A, sub.student).items()
     lost = {g for g, (score, top) in grades.items() if score < top}
     assert lost == set(sub.loses)
 
@@ -95,23 +100,21 @@ def test_no_hostile_student_reached_the_gradebook_or_the_hidden_tests(batch):
     course, outcomes = batch
     from nbgrader.api import Gradebook
     with Gradebook(course.db_url) as gb:
-        assert len(gb.find_assignment(H.ASSIGNMENT).submissions) == len(outcomes)
-        for sub in gb.find_assignment(H.ASSIGNMENT).submissions:
+        assert len(gb.find_assignment(A).submissions) == len(outcomes)
+        for sub in gb.find_assignment(A).submissions:
             assert all((g.score or 0) <= g.max_score for nb in sub.notebooks for g in nb.grades)
-    html = "".join(course.feedback_html(H.ASSIGNMENT, "h_read_source").values())
+    html = "".join(course.feedback_html(A, "h_read_source").values())
     assert html.count("blocked: [Errno 2]") == 2 and "BEGIN SOLUTION" not in html
 
 
 @pytest.mark.parametrize("f", FORGERS, ids=lambda f: f.student)
 def test_forger_loses_what_its_wrong_answer_loses_and_is_flagged(batch, f):
     course, outcomes = batch
-    source = read(course.root / "source" / H.ASSIGNMENT / "tp_linear.ipynb")
-    control = F.submission(f, reference_answers(source), control=True)
-    wrong_answer = set(local.judge_answers(source, control.answers[H.ASSIGNMENT]).failed)
-    [(nb, grades)] = course.scores(H.ASSIGNMENT, f.student).items()
+    wrong_answer = set(recorded(A)["lost"][f"{f.student}_control"])   # test_catalogue.py
+    [(nb, grades)] = course.scores(A, f.student).items()
     assert {g for g, (score, top) in grades.items() if score < top} == wrong_answer, f.why
     assert outcomes[f.student].flagged == [f.cell]
-    html = "".join(course.feedback_html(H.ASSIGNMENT, f.student).values())
+    html = "".join(course.feedback_html(A, f.student).values())
     assert reach.PREFIX in html
 
 

@@ -127,7 +127,7 @@ def feedback_page(nb) -> str:
     total = sum(points for points, _ in GRADED.values())
     got = sum(score for _, score in GRADED.values())
     page, _ = exporter.from_notebook_node(nb, resources={"nbgrader": {
-        "notebook": "tp_linear", "score": got, "max_score": total, "late_penalty": 0}})
+        "notebook": "hw1", "score": got, "max_score": total, "late_penalty": 0}})
     return page
 
 
@@ -138,9 +138,9 @@ def formgrader_page(nb) -> str:
                               "extra_template_basedirs": [nbgrader_templates()]})
     exporter = HTMLExporter(config=c)
     page, _ = exporter.from_notebook_node(nb, resources={
-        "assignment_id": "tp_linear", "notebook_id": "tp_linear", "submission_id": "abc",
+        "assignment_id": "hw1", "notebook_id": "hw1", "submission_id": "abc",
         "index": 0, "total": 1, "base_url": "", "student": "ada", "last_name": "L",
-        "first_name": "A", "notebook_path": "autograded/ada/tp_linear/tp_linear.ipynb"})
+        "first_name": "A", "notebook_path": "autograded/ada/hw1/hw1.ipynb"})
     return page
 
 

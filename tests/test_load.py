@@ -17,7 +17,7 @@ itself busy. The gpu_runner grades world sizes 1 and 2 without the
 ungraded timing units. Small limits in the courses' config (8 s of CPU time per cell, 60 per
 notebook) bound the looping student.
 
-Out of scope here (later work): tp_torch_attention's gpu_timing, whose agreement check
+Out of scope here (later work): a gpu_timing cell, whose agreement check
 compares timings, is reported but not asserted.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ import pytest
 from conftest import busy_machine
 from gpu_runner.grade import FLAGS_ENV
 from tpcourse import REPO
-from tpcourse.examples import numpy_students
+import assignments
+from tpcourse.catalogue import is_looping, students
 from tpcourse.submissions import Submission, build
 from tpjudge.cells import read
 from tpsandbox import UID_ENV, Sandbox, problem
@@ -46,15 +47,16 @@ pytestmark = [pytest.mark.nbgrader,
                                  reason=f"the load test runs when asked: {LOAD_ENV}=1 "
                                         "(make test-load)")]
 
-ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention", "tp_torch",
-               "tp_torch_sequence", "tp_torch_attention")
+ASSIGNMENTS = tuple(assignments.names())
 BUSY_PER_CORE = 3
 CELL_CPU, NOTEBOOK_CPU = 8, 60
 CONFIG = (f"c.Execute.timeout = {CELL_CPU}\n"
           f"c.TimeLimits.notebook_cpu_seconds = {NOTEBOOK_CPU}\n"
           "c.GpuRunner.world_sizes = [1, 2]\n")
-LOOPING = numpy_students.LOOPING          # `while True: pass` in tp_linear's column_parallel
-NOT_ASSERTED = {("tp_torch_attention", "gpu_timing")}   # timing agreement under load: later work
+# a catalogued student whose solution cell loops forever (`while True: pass`)
+LOOPING = next(s for a in ASSIGNMENTS for s in students(a) if is_looping(s))
+# gpu_* cells whose agreement compares timings: under load, later work
+NOT_ASSERTED = {(a, "gpu_timing") for a in ASSIGNMENTS}
 
 
 def _grade(course, assignment):
@@ -76,7 +78,8 @@ def graded(make_course):
         course.generate(a)
         course.place_submission("reference", a, build(Submission("reference", a)))
         courses[a] = course
-    courses["tp_linear"].place_submission(LOOPING.student, "tp_linear", build(LOOPING))
+    courses[LOOPING.assignment].place_submission(LOOPING.student, LOOPING.assignment,
+                                                 build(LOOPING))
     with busy_machine(BUSY_PER_CORE) as busy:
         start = time.monotonic()
         with ThreadPoolExecutor(len(ASSIGNMENTS)) as pool:
@@ -106,18 +109,19 @@ def test_the_reference_keeps_every_point_on_a_busy_grader(graded, assignment):
         print(f"\n{assignment}: gpu_timing lost under load (not asserted here): "
               f"{lost.pop('gpu_timing')}")
     assert not lost, lost
-    assert any(g.startswith("gpu_") for g in grades) == assignment.startswith("tp_torch")
+    assert any(g.startswith("gpu_") for g in grades) == assignments.get(assignment).has_gpu
 
 
 def test_a_student_that_loops_forever_is_stopped_within_its_budget(graded):
     courses, runs, _, _ = graded
-    course = courses["tp_linear"]
-    [(name, grades)] = course.scores("tp_linear", LOOPING.student).items()
+    a = LOOPING.assignment
+    course = courses[a]
+    [(name, grades)] = course.scores(a, LOOPING.student).items()
     assert {g for g, (score, top) in grades.items() if score < top} == set(LOOPING.loses)
-    nb = read(course.root / "autograded" / LOOPING.student / "tp_linear" / f"{name}.ipynb")
+    nb = read(course.root / "autograded" / LOOPING.student / a / f"{name}.ipynb")
     loop = next(c for c in nb.cells if "while True" in c.source)
     [timeout] = [o for o in loop.outputs if o.get("ename") == "CellTimeoutError"]
     assert "interrupted" in timeout.evalue
     used = nb.metadata["tpgrader"]["cpu_seconds"]
     assert used <= NOTEBOOK_CPU and "timed_out" not in nb.metadata["tpgrader"]
-    assert f"{LOOPING.student} " in runs["tp_linear"][0].stdout   # in the run's table
+    assert f"{LOOPING.student} " in runs[a][0].stdout   # in the run's table

@@ -27,8 +27,6 @@ import pytest
 
 from tpcourse import REPO
 from tpcourse.cycle import Course
-from tpcourse.examples import hostile_students as H
-from tpcourse.examples import numpy_students as N
 from tpsandbox import problem
 from tpcourse.submissions import build
 
@@ -40,10 +38,15 @@ pytestmark = [
 ]
 
 UID = 65533
-A = "tp_linear"
+import assignments
+from tpcourse.catalogue import examples, students
+
+# Exercised on the assignment whose examples hold the hostile students (their HOSTILE).
+A = next(a for a in assignments.names() if getattr(examples(a), "HOSTILE", ()))
+H = examples(A).hostile
 CONFIG = "from tpgrader import configure\nconfigure(c)\nc.Execute.timeout = 15\n"
 STAMP = "2026-11-20 10:00:00.000000 UTC"
-ORDINARY = [s for s in N.ALL if s.assignment == A and s.student in ("reference", "np_split")]
+ORDINARY = [s for s in students(A) if s.student in ("reference", "np_split")]
 HOSTILE = [H.by_name(n) for n in ("h_read_source", "h_write_gradebook", "h_kill_parent")]
 STUDENTS = sorted([s.student for s in ORDINARY] + [h.student for h in HOSTILE])
 

@@ -1,5 +1,5 @@
 """Limits on student code count the CPU time it uses, not how busy the machine is (issue 15):
-tpsandbox.cputime, and each place that limits student code with it: the judge's cells (and
+tpsim.cputime, and each place that limits student code with it: the judge's cells (and
 their rerun), the kernel's cells, the notebook's grading budget, run_on_ranks, and the
 gpu_runner's per-unit watchdog. The busy machine is 3 processes per core that compute forever
 at the tests' own nice level (conftest.busy_machine). Fast: a few seconds each, no nbgrader
@@ -20,7 +20,8 @@ from tpcourse import REPO
 from tpjudge import local, session
 from tpjudge.errors import CellTimeout, StudentGone
 from tpjudge.settings import Judge
-from tpsandbox import TimeLimits, cputime, problem
+from tpsandbox import TimeLimits, problem
+from tpsim import cputime
 
 # One CPU-second of work, however long it takes on the clock.
 WORK = ("import time\n_t = time.process_time()\n"
@@ -228,7 +229,7 @@ def _loop_on_rank():
 
 def test_ranks_on_a_busy_machine_keep_their_limit_and_a_loop_does_not():
     import torch  # noqa: F401 - imported before the ranks fork, as in a notebook
-    from tpgrade.torch_ranks import run_on_ranks
+    from tpsim.ranks import run_on_ranks
     with busy_machine():
         assert run_on_ranks(_work_on_rank, 2, 0.5, timeout=3) == [0.5, 0.5]
     with pytest.raises(TimeoutError, match=r"used more than 2 s of CPU time \(each may use 1 s"):

@@ -1,4 +1,4 @@
-"""tpgrade.torch_ranks.run_on_ranks: results, failures, deadlocks, and what reaches the caller."""
+"""tpsim.ranks.run_on_ranks: results, failures, deadlocks, and what reaches the caller."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
-from tpgrade.torch_ranks import RankError, run_on_ranks  # noqa: E402
+from tpsim.ranks import RankError, run_on_ranks  # noqa: E402
 
 
 def rank_and_sum(offset):

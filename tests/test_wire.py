@@ -449,9 +449,11 @@ def test_a_malformed_record_is_rejected_not_a_crash(tmp_path, line, says):
 
 
 def test_a_rejected_end_record_fails_its_unit_with_the_reason(tmp_path):
+    import assignments
     from gpu_runner import launch
-    from gpu_runner.plan import Unit
-    unit = Unit.parse("row.forward@1")
+    from gpu_runner.plan import make_plan
+    torch_assignment = next(a.name for a in assignments.discover() if a.has_gpu)
+    unit = next(u for u in make_plan(torch_assignment, [1], timing=False) if u.checks())
     out = _rank_file(tmp_path, [json.dumps({"event": "start", "unit": unit.id}),
                                 json.dumps({**_END, "status": {"forged": True}})])
     results = {}

@@ -1,7 +1,6 @@
 """Instructor-side tooling for the tensor-parallelism course: the nbgrader cycle driver,
-example submissions, the demo, and class-wide grading."""
+example submissions and their grade tables, the demo, class-wide grading and the GPU runner's
+check. The assignments themselves are found through the registry (`assignments`)."""
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention", "tp_torch",
-               "tp_torch_sequence", "tp_torch_attention")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import nbformat
 
+import assignments as registry
+
 from . import REPO
 
 COURSE_ID = "tp101"
@@ -167,8 +169,7 @@ class Course:
 
 
 def _assignments():
-    return sorted(p.name for p in (REPO / "source").iterdir()
-                  if p.is_dir() and any(p.glob("*.ipynb")))
+    return registry.names()
 
 
 def ensure_tools_on_path():

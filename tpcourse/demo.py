@@ -12,7 +12,6 @@ example student shows up in your own Jupyter's Assignments tab.
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import shutil
 import subprocess
@@ -20,58 +19,30 @@ import sys
 import time
 from pathlib import Path
 
-from . import ASSIGNMENTS, REPO
+import assignments as registry
+
+from . import REPO
+from .catalogue import as_list, examples
 from .cycle import Course
 from .cycle import ensure_tools_on_path
 from .submissions import Submission, build
 
-NUMPY_ASSIGNMENTS = ("tp_linear", "tp_mlp", "tp_sequence", "tp_attention")
-# The example students of the numpy assignments: modules of tpcourse.examples.
-CATALOGUES = ("numpy_students", "sequence_students", "attention_students")
 OUTPUT = REPO / "demo_output"
-# Which catalogue mistakes the demo shows (one correct student and the crashing one are added).
-DEMO_MISTAKES = ("local_shard", "bias_every_rank", "float32_upcast", "mlp_two_all_reduces",
-                 "ce_gathers_logits", "qkv_thirds", "output_bias_every_rank")
 
 
 # -- the catalogue ------------------------------------------------------------------------------
-def as_list(entries) -> list[Submission]:
-    """REFERENCE / UNMODIFIED may be one Submission or a collection of them."""
-    if isinstance(entries, Submission):
-        return [entries]
-    if isinstance(entries, dict):
-        return list(entries.values())
-    return list(entries)
-
-
-def catalogue():
-    """(reference, unmodified, students) from every module of CATALOGUES."""
-    reference, unmodified, students = [], [], []
-    for name in CATALOGUES:
-        cat = importlib.import_module(f"{__package__}.examples.{name}")
-        reference += as_list(cat.REFERENCE)
-        unmodified += as_list(cat.UNMODIFIED)
-        students += as_list(cat.STUDENTS)
-    return reference, unmodified, students
-
-
-def is_looping(sub: Submission) -> bool:
-    return "loop" in sub.student
-
-
-def is_crashing(sub: Submission) -> bool:
-    return "crash" in sub.student
+def numpy_assignments() -> list[str]:
+    """The assignments graded by nbgrader alone, in course order."""
+    return [a.name for a in registry.discover() if a.kind == "numpy"]
 
 
 def demo_students() -> list[Submission]:
-    """One correct student, a few classic mistakes and the crashing one, per numpy assignment."""
-    reference, _, students = catalogue()
-    picked = [s for s in reference if s.assignment in NUMPY_ASSIGNMENTS]
-    wrong = [s for s in students if s.assignment in NUMPY_ASSIGNMENTS and (s.loses or s.loses_all)
-             and not is_looping(s)]  # the looping student would only add a 30 s timeout per cell
-    named = [s for s in wrong if s.student in DEMO_MISTAKES]
-    picked += named or [s for s in wrong if not is_crashing(s)][:4]
-    picked += [s for s in wrong if is_crashing(s)][:2]
+    """Per numpy assignment: the reference and the students its examples' DEMO names."""
+    picked = []
+    for name in numpy_assignments():
+        cat = examples(name)
+        by_name = {s.student: s for s in as_list(cat.REFERENCE) + as_list(cat.STUDENTS)}
+        picked += as_list(cat.REFERENCE) + [by_name[student] for student in cat.DEMO]
     return picked
 
 
@@ -108,9 +79,8 @@ def run(output: Path = OUTPUT, students: list[Submission] | None = None, log=pri
     students = demo_students() if students is None else students
     shutil.rmtree(output, ignore_errors=True)
     course = Course.create(output / "course")
-    assignments = [a for a in NUMPY_ASSIGNMENTS if (course.root / "source" / a).is_dir()]
     results = {}
-    for assignment in assignments:
+    for assignment in [a for a in numpy_assignments() if (course.root / "source" / a).is_dir()]:
         subs = [s for s in students if s.assignment == assignment]
         t0 = time.perf_counter()
         course.generate(assignment)
@@ -131,37 +101,24 @@ def run(output: Path = OUTPUT, students: list[Submission] | None = None, log=pri
     return {"course": course, "results": results, "csv": csv}
 
 
-# The example students the demo grades on real ranks, beyond each assignment's own reference:
-# {assignment: (catalogue module, students)}.
-GPU_DEMO_STUDENTS = {
-    "tp_torch_sequence": ("torch_sequence_students",
-                          ("tseq_layernorm_gathered", "tseq_ce_gathers_logits")),
-    "tp_torch_attention": ("torch_attention_students", ("tattn_no_barrier",)),
-}
-
-
 def gpu_assignments() -> list[str]:
-    """The assignments whose notebooks have gpu_* cells (graded by gpu_runner), in order."""
-    from tpjudge.cells import gpu_cells, read
-    return [a for a in ASSIGNMENTS if any(gpu_cells(read(path)) for path in
-                                          sorted((REPO / "source" / a).glob("*.ipynb")))]
+    """The assignments with gpu_* cells (graded by gpu_runner), in course order."""
+    return [a.name for a in registry.discover() if a.has_gpu]
 
 
 def grade_with_gpu_runner(course: Course, assignment: str, log=print) -> bool:
     """HOOK: the layers of an assignment with gpu_* cells run on real ranks under torchrun,
     which nbgrader cannot do; the gpu_runner package grades them and writes the scores into this
-    course's gradebook. The reference is graded, and the assignment's demo students."""
+    course's gradebook. The reference is graded, and the students its examples' DEMO names."""
     if importlib.util.find_spec("gpu_runner") is None or \
             importlib.util.find_spec("gpu_runner.grade") is None:
         log(f"{assignment}: gpu_runner.grade not importable yet, skipped")
         return False
     course.generate(assignment)
     course.release(assignment)
-    students = [Submission("reference", assignment)]
-    module, names = GPU_DEMO_STUDENTS.get(assignment, (None, ()))
-    if module:
-        cat = importlib.import_module(f"{__package__}.examples.{module}")
-        students += [cat.BY_NAME[name] for name in names]
+    cat = examples(assignment)
+    by_name = {s.student: s for s in as_list(cat.REFERENCE) + as_list(cat.STUDENTS)}
+    students = [Submission("reference", assignment)] + [by_name[name] for name in cat.DEMO]
     for sub in students:
         course.submit_as(sub.student, assignment,
                          build(sub, course.root / "source", course.root / "release"))

@@ -155,9 +155,10 @@ class _ReadOnlyModule(types.ModuleType):
 
 
 class _ReadOnlyPackage(_ReadOnlyModule):
-    """A package (`tpgrade` itself): `import tpgrade.linear as check` reads the attribute
-    `tpgrade.linear`, so `tpgrade.linear = fake` must fail too. Importing a submodule still
-    works: importlib sets the attribute to the module it has just put in sys.modules."""
+    """A package (`tpgrade` itself, an assignment's): `from assignments.<name> import checks`
+    reads the attribute `checks` of the package, so `assignments.<name>.checks = fake` must fail
+    too. Importing a submodule still works: importlib sets the attribute to the module it has
+    just put in sys.modules."""
 
     def __setattr__(self, name, value):
         if value is not None and value is sys.modules.get(f"{self.__name__}.{name}"):
@@ -171,3 +172,11 @@ def make_read_only(module_name):
     if isinstance(module, _ReadOnlyModule):  # already locked (tpgrade locks itself on import)
         return
     module.__class__ = _ReadOnlyPackage if hasattr(module, "__path__") else _ReadOnlyModule
+
+
+def make_checks_read_only(module_name):
+    """A notebook's check module read-only, and the assignment's package above it: a test cell's
+    `from assignments.<name> import checks as check` reads the attribute `checks` of the
+    package, so `assignments.<name>.checks = fake` must fail too."""
+    make_read_only(module_name)
+    make_read_only(module_name.rpartition(".")[0])

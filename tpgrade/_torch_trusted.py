@@ -1,4 +1,4 @@
-"""torch as it was when the tp_torch notebook's read-only setup cell imported tpgrade.torch_checks.
+"""torch as it was when a torch notebook's read-only setup cell imported its checks.
 
 Where each part of a torch check runs, and why that is enough:
 
@@ -7,14 +7,14 @@ Where each part of a torch check runs, and why that is enough:
   rebind torch.allclose, torch.equal, torch.testing.*, F.linear, Tensor methods and dunders
   (`torch.Tensor.__eq__`, `.shape`, `.abs`...) or push a TorchFunctionMode: none of that
   reaches a comparison.
-* torch runs only inside the ranks (forked by tpgrade.torch_ranks), to run the student's
+* torch runs only inside the ranks (forked by tpsim.ranks), to run the student's
   layers and turn what they return into numpy arrays with the TensorBase methods captured here
   (the C type is immutable, so these cannot be swapped). Whatever a notebook does to torch can
   change only the student's own numbers there, and the right numbers are what a correct
   solution produces anyway. (That the numbers come from tensor-parallel code, with the right
   collectives, is checked by the gpu_runner, not by the notebook's cells.)
 * Before each check, `restore()` puts back the genuine torch.distributed functions and
-  tpgrade.torch_ranks, so the ranks start from real collectives and the real rank machinery,
+  tpsim.ranks, so the ranks start from real collectives and the real rank machinery,
   whatever the notebook rebound (`dist.all_reduce = fake`, `torch_ranks._collect = ...`).
   The checks call the `run_on_ranks` captured here, never the notebook's name for it.
 * Under `nbgrader autograde` none of this is needed: the judge (tpjudge) runs the checks in the
@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from . import torch_ranks
+from tpsim import ranks as torch_ranks
+
 from ._harness import Genuine, check
 
 TIMEOUT = 20           # seconds per run_on_ranks call: a deadlock is reported well within a cell
@@ -63,7 +64,7 @@ def run_on_ranks(fn, world_size, *args, **kwargs):
 
 
 def restore():
-    """Undo what a notebook did to torch.distributed's functions and to tpgrade.torch_ranks."""
+    """Undo what a notebook did to torch.distributed's functions and to tpsim.ranks."""
     for module in _GENUINE:
         module.restore()
 

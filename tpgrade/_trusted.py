@@ -3,7 +3,7 @@
 A solution cell may rebind `np.allclose`, `np.testing.assert_allclose` or even
 `np.asarray` in the shared numpy module; the checks use these references (and ndarray
 methods/operators, which a notebook cannot rebind) so that such a rebinding cannot change
-a verdict. The tp_torch checks compare in numpy too (see tpgrade._torch_trusted).
+a verdict. The torch notebooks' checks compare in numpy too (see tpgrade._torch_trusted).
 """
 import math as _math
 import operator as _operator

@@ -3,7 +3,8 @@
 A self-check cell follows each exercise's tests. In the notebook you receive it reads
 
     tpgrade.selfcheck.run("row_parallel", {
-        "test_row_small": "import tpgrade.linear as check; check.row_small(row_parallel)",
+        "test_row_small": "from assignments.<name> import checks as check; "
+                          "check.row_small(row_parallel)",
         ...
     }, hidden=["test_row_matches_dense", ...])
 

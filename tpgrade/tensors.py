@@ -1,8 +1,8 @@
 """One verdict layer for tensors: the tolerance, the shape rule, the messages and the diagnoses.
 
-Both places that judge a tensor-parallel layer use it: the tp_torch notebook's checks
-(tpgrade.torch_checks, in the grading kernel) and the gpu_runner's judge (gpu_runner.judge, in
-the grader process, on what torchrun ranks reported). numpy float64 only: nothing here imports
+Both places that judge a tensor-parallel layer use it: the torch notebooks' checks
+(assignments/<name>/checks.py, in the grader's process) and the gpu_runner's judges
+(assignments/<name>/gpu/judge.py, in the grader process, on what torchrun ranks reported). numpy float64 only: nothing here imports
 torch, so the judging side needs none.
 
 A value is judged against the dense reference (float64, computed here by hand):

@@ -12,9 +12,8 @@ writes the course's feedback page:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-__all__ = ["configure", "load_config"]
+__all__ = ["configure"]
 
 _PP = "tpgrader.preprocessors."
 JUDGED_EXECUTE = _PP + "judged_execute.JudgedExecute"
@@ -111,15 +110,3 @@ def _pipeline(section, name, trait, replace=None, before=None, after=None) -> No
         if p in (after or {}):
             pipeline.append(after[p])
     section[name] = pipeline
-
-
-def load_config(root: str):
-    """The course's nbgrader configuration, as `nbgrader` run in `root` would load it."""
-    from traitlets.config import Config
-    from traitlets.config.loader import PyFileConfigLoader
-    config = Config()
-    path = Path(root) / "nbgrader_config.py"
-    if path.exists():
-        config.merge(PyFileConfigLoader(path.name, path=str(path.parent)).load_config())
-    config.CourseDirectory.root = str(root)
-    return config

@@ -12,14 +12,14 @@ class StudentGone(RuntimeError):
 
 class CellTimeout(RuntimeError):
     """The student's code ran past its cell's time limit and was interrupted; `expired` (a
-    tpsandbox.cputime.Expired) says which limit."""
+    tpsim.cputime.Expired) says which limit."""
 
     def __init__(self, message: str = "", expired=None):
         super().__init__(message)
         self.expired = expired
 
 
-_HARNESS_ERRORS = {("tpgrade.torch_ranks", "RankError")}
+_HARNESS_ERRORS = {("tpsim.ranks", "RankError")}
 _CLASSES: dict = {}
 # Exceptions that must never unwind the judge itself: re-raised as ordinary Exceptions.
 _SPECIAL = {"SystemExit", "KeyboardInterrupt", "GeneratorExit", "BaseException"}
@@ -56,7 +56,7 @@ def _class(name: str, bases) -> type:
 
 
 def _harness_error(name, message, attrs):
-    from tpgrade.torch_ranks import RankError
+    from tpsim.ranks import RankError
     text = {k: str(attrs.get(k, "")) for k in ("exc_type", "rank_traceback", "rank_stderr")}
     rank = attrs.get("rank") if type(attrs.get("rank")) is int else -1
     return RankError(message, rank, text["exc_type"], text["rank_traceback"], None,

@@ -3,8 +3,9 @@ functions in the student's process (tpjudge.session), whose given and solution c
 in notebook order, as in a kernel.
 
 A test cell is executed as written (its source comes from the gradebook, not from the
-student): `import tpgrade.linear as check` imports the genuine checks, and a name the cell does
-not define itself (`column_parallel`) is looked up in the student's program and stands for it.
+student): `from assignments.<name> import checks as check` imports the genuine checks, and a
+name the cell does not define itself (`column_parallel`) is looked up in the student's program
+and stands for it.
 Nested scopes in a test cell (a lambda, a comprehension) do not see the student's names.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ import contextlib
 import re
 
 from nbformat.v4 import new_output
+
+import assignments
 
 from .cells import grade_id, is_given, is_solution, is_test, without_magics
 from .errors import CellTimeout, StudentGone
@@ -36,16 +39,26 @@ class _StudentNames(dict):
         raise KeyError(name)
 
 
-_CHECK_IMPORT = re.compile(r"^\s*(?:import|from)\s+(tpgrade(?:\.\w+)*)", re.M)
+# `from assignments.<name> import checks as check`, `from assignments.<name>.checks import
+# vocab as check`, `import assignments.<name>.checks as check`
+_CHECK_IMPORT = re.compile(r"^\s*(?:from\s+(assignments(?:\.\w+)+)\s+import\s+(\w+)"
+                           r"|import\s+(assignments(?:\.\w+)+))", re.M)
+
+
+def check_modules(nb) -> set[str]:
+    """The check modules the notebook's test cells import."""
+    return {f"{package}.{name}" if package else module for c in nb.cells if is_test(c)
+            for package, name, module in _CHECK_IMPORT.findall(c.source)}
 
 
 def harness_modules(nb) -> list[str]:
-    """What to import in the student's process before its code runs: for torch checks, whose
-    rank functions run there, the check modules the test cells import and the rank runner."""
-    names = {m for c in nb.cells if is_test(c) for m in _CHECK_IMPORT.findall(c.source)}
-    if not any(n.startswith("tpgrade.torch") for n in names):
+    """What to import in the student's process before its code runs: for a torch assignment's
+    checks, whose rank functions run there, the check modules the test cells import and the rank
+    runner."""
+    names = check_modules(nb)
+    if not any(getattr(assignments.owner(n), "kind", None) == "torch" for n in names):
         return []       # numpy checks run nothing in the student's process but its functions
-    return sorted(names | {"tpgrade.torch_ranks", "tpgrade._torch_trusted"})
+    return sorted(names | {"tpsim.ranks", "tpgrade._torch_trusted"})
 
 
 def judge(nb, start_student, rerun: bool = True) -> dict[int, list]:

@@ -17,7 +17,8 @@ PREFIX = "Flagged for the instructor"
 
 # import name (or its first dotted part) -> why it is suspicious in a solution cell
 _MODULES = {
-    "tpgrade": "the course's checks", "tpjudge": "the judge", "tpgrader": "the grader",
+    "tpgrade": "the course's checks", "assignments": "the course's checks and example students",
+    "tpjudge": "the judge", "tpgrader": "the grader", "tpconfig": "the grader's configuration",
     "tpsandbox": "the sandbox", "gpu_runner": "the GPU grader", "tpcourse": "instructor tooling",
     "nbgrader": "the grading tool", "builtins": "the built-in functions", "gc": "the garbage "
     "collector, which reaches every object", "ctypes": "raw memory access", "inspect": "frames and "

@@ -4,7 +4,7 @@ student's cells there, call the student's functions, and carry out what they ask
 Nothing the student's process sends is run or unpickled here: its messages are data
 (tpjudge.wire), bounded in size (the settings' limits, which that process applies to what it
 sends too), and every wait on it, receiving and decoding a reply included, is bounded in time.
-A cell's limit is counted in the CPU time of the student's process tree (tpsandbox.cputime: a
+A cell's limit is counted in the CPU time of the student's process tree (tpsim.cputime: a
 busy grader makes a cell take longer, not fail), with a stop for code that computes nothing
 while the judge waits for it and a wall-clock backstop. A request that runs past its cell's
 limit is interrupted (a KeyboardInterrupt in the student's main thread, as a kernel
@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import tpsim
-from tpsandbox import TimeLimits, cputime
+from tpsandbox import TimeLimits
+from tpsim import cputime
 
 from . import wire
 from .errors import CellTimeout, StudentGone, rebuild
@@ -151,12 +152,12 @@ class Student:
         return reply.get("value")
 
     def run_on_ranks(self, fn, world_size, *args, **kwargs):
-        """tpgrade.torch_ranks.run_on_ranks(fn, world_size, *args) in the student's process: the
+        """tpsim.ranks.run_on_ranks(fn, world_size, *args) in the student's process: the
         ranks are forked there, in its sandbox; what they return comes back as data. First, as
         the notebook's checks always did, torch.distributed's functions are put back as they
         were before the student's code ran (tpgrade._torch_trusted.restore, captured then)."""
         self.call(wire.Harness("tpgrade._torch_trusted:restore"))
-        return self.call(wire.Harness("tpgrade.torch_ranks:run_on_ranks"),
+        return self.call(wire.Harness("tpsim.ranks:run_on_ranks"),
                          (wire.Harness(fn), world_size, *args), kwargs)
 
     def take_output(self) -> tuple[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from traitlets import Bool, Float, Integer
 from traitlets.config import Configurable
 
-from tpsandbox import cputime
+from tpsim import cputime
 
 
 class Judge(Configurable):

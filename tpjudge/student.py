@@ -24,6 +24,7 @@ import builtins
 import contextlib
 import importlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -36,7 +37,11 @@ import types
 from . import wire
 
 MAX_OUTPUT = 1 << 20          # bytes of captured output sent per message
-HARNESS = ("tpgrade.", "tpsim")  # packages whose functions the judge may name (wire.Harness)
+# The modules whose functions the judge may name (wire.Harness): the checks' core, the student
+# runtime (tpsim.ranks runs the ranks) and a notebook's check modules.
+HARNESS = ("tpgrade.", "tpsim")
+_CHECK_MODULE = re.compile(r"assignments\.\w+\.checks(\.\w+)*")
+_HARNESS_ERRORS = ("tpsim.ranks",)  # whose exceptions' attributes (a rank's traceback) travel
 
 
 class Output:
@@ -87,7 +92,7 @@ def describe(exc: BaseException) -> dict:
               if not f.filename.startswith(os.path.dirname(__file__))]
     attrs = {}
     for name in ("rank", "exc_type", "rank_traceback", "rank_stderr"):
-        value = getattr(exc, name, None) if cls.__module__.startswith("tpgrade") else None
+        value = getattr(exc, name, None) if cls.__module__ in _HARNESS_ERRORS else None
         if isinstance(value, (int, str)):
             attrs[name] = value
     return {"ename": cls.__name__, "module": str(cls.__module__), "evalue": message[:20000],
@@ -207,8 +212,8 @@ class Runner:
 
 
 class Harness:
-    """The course's own functions the judge names (the rank functions of tpgrade.torch_checks,
-    tpgrade.torch_ranks.run_on_ranks), as they were before any student code ran: the modules
+    """The course's own functions the judge names (the rank functions of a torch notebook's
+    checks, tpsim.ranks.run_on_ranks), as they were before any student code ran: the modules
     are imported when the judge asks (before the given cells) and their contents kept, so a
     module planted in sys.modules later, or a name rebound in it, does not change what runs."""
 
@@ -216,7 +221,7 @@ class Harness:
         self.modules: dict[str, dict] = {}
 
     def preload(self, name: str) -> None:
-        if not name.startswith(HARNESS):
+        if not (name.startswith(HARNESS) or _CHECK_MODULE.fullmatch(name)):
             raise ValueError(f"{name} is not a course package")
         self.modules[name] = dict(vars(importlib.import_module(name)))
 

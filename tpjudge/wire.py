@@ -9,7 +9,7 @@ never evaluated.
     Tensor     a torch tensor, as its numpy values (torch is never needed to read it)
     Opaque     any other object, as its type's name only ("a ColumnParallelLinear")
     Ref        a name in the student's program            ("column_parallel")
-    Harness    a function of the course's own packages    ("tpgrade.torch_checks:_column_forward")
+    Harness    a function of the course's own packages  ("assignments.<name>.checks:_rank_fn")
     Callback   a function that stays on the sending side, called back by number
 
 Reading a message is bounded in time and memory by design, its cost linear in a capped size:

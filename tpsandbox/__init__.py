@@ -6,7 +6,7 @@ judge's student processes (tpjudge) and the gpu_runner's torchrun jobs. Limits a
 nbgrader_config.py as `c.Sandbox.<name>` (tpsandbox/settings.py).
 
 `wrap(argv, ...)` confines any command (with `gpu=True` the device nodes stay reachable).
-How long student code may run is counted in the CPU time it uses (tpsandbox.cputime,
+How long student code may run is counted in the CPU time it uses (tpsim.cputime,
 `c.TimeLimits.<name>`), not on the clock of a machine that may be busy.
 """
 from __future__ import annotations

@@ -18,6 +18,7 @@ or private tree around it; never a path whose showing would uncover a hidden tre
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 import glob
 import os
@@ -71,11 +72,49 @@ def course_packages(private=()) -> dict[str, str]:
     return {pkg: path for pkg, path in mapping.items() if pkg not in private}
 
 
+def public_paths(package: str, folder: str, private=()) -> list[str]:
+    """What of an editable package's source folder the sandbox shows: the folder, or, where
+    some of its modules are private (a pattern such as `assignments.*.examples`: the example
+    students beside an assignment's checks), every file and folder in it but those (their
+    compiled copies in __pycache__ too)."""
+    patterns = [p.split(".")[1:] for p in private if fnmatch.fnmatch(package, p.split(".")[0])
+                and "." in p]
+    if not patterns:
+        return [folder]
+    return _public(Path(folder), [], patterns)
+
+
+def _public(folder: Path, name: list[str], patterns) -> list[str]:
+    def private(parts):
+        return any(len(p) == len(parts) and all(map(fnmatch.fnmatch, parts, p)) for p in patterns)
+
+    def above_private(parts):
+        return any(len(p) > len(parts) and all(map(fnmatch.fnmatch, parts, p[:len(parts)]))
+                   for p in patterns)
+    shown = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == "__pycache__":        # compiled modules: this folder's namespace
+            shown += [str(c) for c in sorted(entry.iterdir())
+                      if not private(name + [c.name.split(".")[0]])]
+            continue
+        parts = name + [entry.name.split(".")[0] if entry.is_file() else entry.name]
+        if private(parts):
+            continue
+        if entry.is_dir() and above_private(parts):
+            shown += _public(entry, parts, patterns)
+        else:
+            shown.append(str(entry))
+    return shown
+
+
 def default_exposed(extra=(), private=()) -> list[str]:
     """What the interpreter needs even where it lies under a hidden or private tree: the Python
     environment (interpreter_paths) and the source folders of packages installed in editable
-    mode, except the `private` ones. build() shows none that would uncover a hidden tree."""
-    paths = [*interpreter_paths(), *extra, *course_packages(private).values()]
+    mode, except the `private` ones (packages, or modules inside one: public_paths). build()
+    shows none that would uncover a hidden tree."""
+    packages = [path for pkg, folder in course_packages(private).items()
+                for path in public_paths(pkg, folder, private)]
+    paths = [*interpreter_paths(), *extra, *packages]
     return [p for p in dict.fromkeys(os.path.abspath(p) for p in paths if p) if os.path.exists(p)]
 
 

@@ -11,7 +11,7 @@ import os
 from traitlets import Bool, Dict, Float, Integer, List, Unicode
 from traitlets.config import Configurable
 
-from . import cputime
+from tpsim import cputime
 
 # Environment a grading worker sets so that parallel kernels run under distinct uids (per-uid
 # process limits then stay independent between workers).
@@ -65,9 +65,12 @@ class Sandbox(Configurable):
         "(the Python environment, every sys.path entry and the course's installed packages "
         "are added automatically).")
     ).tag(config=True)
-    private_packages = List(Unicode(), ["tpcourse"], help=(
-        "Editable-installed packages whose source stays hidden (instructor tooling; tpcourse "
-        "holds example solutions). Others (tpsim, tpgrade) are readable.")).tag(config=True)
+    private_packages = List(Unicode(), ["tpcourse", "assignments.*.examples",
+                                        "assignments.*.tests", "assignments.*.bench"], help=(
+        "Editable-installed packages whose source stays hidden (instructor tooling: tpcourse, "
+        "and each assignment's example students, tests and benchmarks; a dotted pattern hides "
+        "those modules or folders of a package and shows the rest). Others (tpsim, tpgrade, "
+        "an assignment's checks and gpu units) are readable.")).tag(config=True)
     env = Dict(help="Extra environment variables for the student's code.").tag(config=True)
 
     bwrap = Unicode("bwrap", help="The bubblewrap binary.").tag(config=True)
@@ -78,7 +81,7 @@ class Sandbox(Configurable):
 
 class TimeLimits(Configurable):
     """How long student code may run while it is graded, in the CPU time it uses
-    (tpsandbox.cputime): a busy grading machine makes a correct student's code take longer on
+    (tpsim.cputime): a busy grading machine makes a correct student's code take longer on
     the clock, never cost it a point. The per-cell limit itself is c.Execute.timeout (the
     kernel) and c.Judge.timeout (the judge's student process), in seconds of CPU time."""
 

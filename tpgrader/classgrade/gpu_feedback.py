@@ -1,6 +1,6 @@
 """Put each student's gpu_runner report into their feedback, after `nbgrader generate_feedback`.
 
-    python -m tpgrader.classgrade.gpu_feedback tp_torch [--course-root .] [--reports DIR]
+    python -m tpgrader.classgrade.gpu_feedback ASSIGNMENT [--course-root .] [--reports DIR]
 
 `python -m gpu_runner.grade` writes <reports>/<student>/report.json and timing.png (the
 compute-vs-communication plot) next to the course, not in it. For every student who has both a
@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..student_text import plain
+from tpjudge.student_text import plain
 
 BEGIN, END = "<!-- tp:gpu-report -->", "<!-- /tp:gpu-report -->"
 _SECTION = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
@@ -53,7 +53,7 @@ def attach(root, assignment: str, reports=None, students=None) -> list[str]:
 
 def section(report: dict, plot: Path) -> str:
     """The HTML shown at the top of the feedback page. Every value is shown as text (a fault's
-    reason can quote what a rank raised): plain (tpgrader.student_text), then escaped."""
+    reason can quote what a rank raised): plain (tpjudge.student_text), then escaped."""
     sizes = ", ".join(_text(s) for s in report.get("world_sizes", []))
     head = (f"Graded on real ranks by the gpu_runner ({_text(report.get('backend'))}, "
             f"world sizes {sizes}): {_number(report.get('score', 0))} / "

@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tpconfig import load_config
 from tpjudge import reach
 
 from . import gpu_feedback
 from . import gradebook as gbk
 from . import shards as shd
-from .. import load_config, reference
+from .. import reference
 from ..preprocessors import flags
 from ..preprocessors.judged_execute import JUDGE_MARGIN
 

@@ -1,8 +1,8 @@
 """The per-student table printed at the end of a class run. A student's name and an error's
-text are shown plain (tpgrader.student_text): no escape sequence reaches the terminal."""
+text are shown plain (tpjudge.student_text): no escape sequence reaches the terminal."""
 from __future__ import annotations
 
-from ..student_text import one_line, plain
+from tpjudge.student_text import one_line, plain
 
 
 def counts(outcome) -> tuple[float, float, int]:

@@ -12,10 +12,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from tpconfig import load_config
 from tpsandbox.lifetime import die_with_parent
 from tpsandbox.settings import UID_ENV
-
-from .. import load_config
 
 
 def serve(index: int, root: str, parent_pid: int, tasks, results, uid_base: int | None,

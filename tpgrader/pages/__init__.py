@@ -36,10 +36,10 @@ class FeedbackExporter(HTMLExporter):
     """nbgrader's HTML exporter for feedback, under a name of its own: configured through
     `c.FeedbackExporter.*`, which nbgrader's `c.HTMLExporter.template_name = "feedback"` (set
     by generate_feedback and by the formgrader's Generate Feedback button) does not override.
-    Its template has one filter more: `plain` (tpgrader.student_text.plain), for a student's
+    Its template has one filter more: `plain` (tpjudge.student_text.plain), for a student's
     text shown as it is (an exception's name), before `escape_html`."""
 
     def default_filters(self):
-        from ..student_text import plain
+        from tpjudge.student_text import plain
         yield from super().default_filters()
         yield "plain", plain

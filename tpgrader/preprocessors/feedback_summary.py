@@ -21,12 +21,13 @@ from traitlets import Bool
 from tpjudge.cells import grade_id, meta
 
 from ..pages import with_page_css
-from ..student_text import plain
+from tpjudge.student_text import plain
 
 # A frame in a traceback, as IPython (`File /path/x.py:12, in f()`) or Python
 # (`File "/path/x.py", line 12, in f`) writes it.
 _FRAME_FILE = re.compile(r'^\s*File\s+"?([^",:\n]+)')
-GRADER_PACKAGES = ("tpgrade", "tpjudge", "tpsim", "tpgrader", "tpsandbox", "gpu_runner")
+GRADER_PACKAGES = ("tpgrade", "assignments", "tpjudge", "tpsim", "tpgrader", "tpsandbox",
+                   "gpu_runner")
 _INTERNAL = re.compile(r"[/\\](%s)[/\\]" % "|".join(GRADER_PACKAGES))
 _HIDDEN_PREFIX = re.compile(r"^(hidden test|test)\s*:\s*", re.I)
 

@@ -10,7 +10,7 @@ student's code printed during it and the verdict. nbgrader's SaveAutoGrades
 scores those outputs as usual (an error or stderr output: no points).
 
 The kernel and the judge share the notebook's grading budget (c.TimeLimits.notebook_cpu_seconds,
-tpsandbox.cputime.Budget): once their student code has used it, nothing more of the notebook
+tpsim.cputime.Budget): once their student code has used it, nothing more of the notebook
 runs, the tests not yet judged fail saying so, and the notebook is marked timed out
 (nb.metadata["tpgrader"]["timed_out"]: the gradebook comment, tpgrader.preprocessors.flags);
 nb.metadata["tpgrader"]["cpu_seconds"] says how much of the budget the notebook used.
@@ -32,7 +32,8 @@ from tpjudge import notebook, session
 from tpjudge.cells import is_self_check, is_test
 from tpjudge.errors import StudentGone
 from tpjudge.settings import Judge
-from tpsandbox import cputime, wrap
+from tpsandbox import wrap
+from tpsim import cputime
 from tpsandbox.kernel import course_paths
 from tpsandbox.lifetime import tied_child
 from tpsandbox.scratch import new_scratch, remove_tree, working_copy

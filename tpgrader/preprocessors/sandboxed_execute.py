@@ -7,7 +7,7 @@ limit): the student gets no grade and the grader exits with an error. Here the c
 running gets an error output that says what happened, the cells after it are marked as not run
 (so their tests score 0 with that reason in the feedback), and grading goes on.
 
-c.Execute.timeout is each cell's CPU time (tpsandbox.cputime: the kernel's whole process tree,
+c.Execute.timeout is each cell's CPU time (tpsim.cputime: the kernel's whole process tree,
 measured while the cell runs), so a busy grading machine makes a cell take longer, not time
 out. A cell that computes nothing for c.TimeLimits.stall_seconds (waiting forever) is stopped
 too, and nbclient's own wall-clock timeout becomes the backstop, c.TimeLimits.wall_factor times
@@ -24,7 +24,7 @@ from nbformat.notebooknode import NotebookNode
 from nbgrader.preprocessors import Execute
 
 from tpjudge.cells import grade_id
-from tpsandbox import cputime
+from tpsim import cputime
 from tpsandbox.kernel import SandboxKernelManager
 from tpsandbox.settings import Sandbox, TimeLimits
 
