@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 
 import assignments
-from tpgrade import tensors as V
+from tpgrade import tensors
+from tpgrade.verdict import mismatch, where
 
 from . import data, records
 from .plan import Unit
@@ -64,7 +65,7 @@ class View:
         self.judged.add(name)
         if text and name not in self.failures:
             self.failures[name] = text if text.startswith("rank ") else \
-                f"{V.where(rank, self.size)}: {text}"
+                f"{where(rank, self.size)}: {text}"
 
     def each(self, name, verdict):
         """verdict(rank) on every rank of the group."""
@@ -135,11 +136,11 @@ def float64_verdict(view, rank, key, want, what):
     if got is not None:
         dtype, device = records.meta(rec)
         if device != view.obs(rank, "input_device"):
-            return V.wrong_device(device, view.obs(rank, "input_device"), what)
+            return tensors.wrong_device(device, view.obs(rank, "input_device"), what)
         if dtype != "float64":
-            return V.wrong_dtype(dtype, what)
-    return V.mismatch(got, want, what, dtype="float64", missing=NOT_CONNECTED,
-                      suspects=[V.float32_on_the_way(got, want)])
+            return tensors.wrong_dtype(dtype, what)
+    return mismatch(got, want, what, dtype="float64", missing=NOT_CONNECTED,
+                      suspects=[tensors.float32_on_the_way(got, want)])
 
 
 def float64_output_verdict(view, rank, want, what):
@@ -149,7 +150,7 @@ def float64_output_verdict(view, rank, want, what):
     if not (isinstance(plain, list) and all(isinstance(n, str) for n in plain)):
         raise records.Malformed("the list of tensor attributes")
     if plain:
-        return V.not_moved(plain[:5])
+        return tensors.not_moved(plain[:5])
     return float64_verdict(view, rank, "y", want, what)
 
 

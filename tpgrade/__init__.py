@@ -6,12 +6,14 @@ a short call::
     from assignments.<name> import checks as check      # in a test cell
     check.column_matches_dense(column_parallel)
 
-This package holds what they share: the verdicts and their messages (`compare`, and `tensors`
-for torch layers), the test data (`cases`), the harness every check runs in (`_harness`,
+This package holds what they share: the verdict core (`verdict`: one tolerance rule family and
+one message format for every check, numpy and torch), what the torch checks expect back from the
+ranks, validated whole before any comparison (`replies`), the torch layers' diagnoses, test data
+and dense references (`tensors`), the test data (`cases`), the harness every check runs in (`_harness`,
 `_layers`, `_trusted`, `_torch_trusted`), the dense attention math two assignments use
 (`_attention_dense`), the self-check cells' runner (`selfcheck`) and an in-process runner of a
 notebook for tests (`offline`). Each check raises an AssertionError whose message names the
-mistake ("expected shape (3, 6), got (3, 3): only the local shard was returned?") and prints
+mistake ("expected shape (3, 6), got (3, 3); probably only the local shard was returned") and prints
 nothing on success. In a notebook the message shows alone, wrapped (_harness.show_verdicts),
 and `tpgrade.selfcheck.run` (the self-check cells) runs every check of an exercise, hidden
 tests included, and reports.
@@ -31,13 +33,13 @@ modules are read-only, and the shell's error reporting is reset. They raise the 
 not a security boundary (tests/test_judge_catalogue.py shows 14 attacks getting through them).
 """
 from . import _trusted  # noqa: F401  (first: capture numpy before anything else runs)
-from . import _harness, compare  # noqa: F401
+from . import _harness, verdict  # noqa: F401
 from . import selfcheck  # noqa: F401  (the notebooks' self-check cells: tpgrade.selfcheck.run)
 
 # In a notebook a failed check shows its verdict, whole and wrapped, not the checks' frames.
-_harness.show_verdicts(compare.CheckFailed)
+_harness.show_verdicts(verdict.CheckFailed)
 
-__all__ = ["compare", "selfcheck"]
+__all__ = ["selfcheck", "verdict"]
 
-# Last: `tpgrade.compare = fake` in a solution cell would otherwise swap every verdict at once.
+# Last: `tpgrade.verdict = fake` in a solution cell would otherwise swap every verdict at once.
 _harness.make_read_only(__name__)

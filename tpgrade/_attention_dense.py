@@ -2,7 +2,7 @@
 
 An error scale S bounds, in units of the working precision, how far a correct implementation
 may be from the exact value: the checks allow |got - want| <= ~1e-12 S in float64
-(tpgrade.compare). It is built from absolute values (|x| @ |W|.T, ...), so it does not shrink
+(tpgrade.verdict, its TERMS tolerance). It is built from absolute values (|x| @ |W|.T, ...), so it does not shrink
 when terms cancel, and it is carried through each step next to the value, in first order:
 
 * a product a @ W.T: (|a| + S_a) @ |W|.T (its own rounding plus a's error);
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import _trusted as T
+from . import _trusted as trusted
 from .cases import f64
 
 _NEG_INF = float("-inf")
@@ -24,18 +24,18 @@ _NEG_INF = float("-inf")
 
 def zeros(shape):
     """float64 zeros through ndarray methods only (tpgrade._trusted has no np.zeros)."""
-    return T.asarray(0.0).repeat(math.prod(shape)).reshape(shape)
+    return trusted.asarray(0.0).repeat(math.prod(shape)).reshape(shape)
 
 
 def causal_mask(seq):
     """(seq, seq) bool: query i may attend to key j when j <= i."""
-    i = T.arange(seq)
+    i = trusted.arange(seq)
     return i[:, None] >= i[None, :]
 
 
 def softmax(s):
     """Softmax over the last axis (keys); -inf entries get weight 0."""
-    e = T.exp(s - s.max(axis=-1, keepdims=True))
+    e = trusted.exp(s - s.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 
@@ -47,7 +47,7 @@ def scores(q, k, causal):
     """q @ k.T / sqrt(head_dim) with -inf above the diagonal when causal: (..., seq, seq)."""
     s = q @ _keys_last(k) / q.shape[-1] ** 0.5
     if causal:   # 0 where allowed, -inf above the diagonal (picked by index: no np.where)
-        s = s + T.asarray([_NEG_INF, 0.0])[causal_mask(s.shape[-1]).astype(int)]
+        s = s + trusted.asarray([_NEG_INF, 0.0])[causal_mask(s.shape[-1]).astype(int)]
     return s
 
 
@@ -60,7 +60,7 @@ def heads(q, k, v, causal=False, errors=None):
     p = softmax(scores(q, k, causal))
     Ss = (scores(Sq, abs(k), causal) + scores(abs(q), Sk, causal)
           + scores(abs(q), abs(k), causal))                     # -inf where masked
-    worst = T.maximum(Ss.max(axis=-1, keepdims=True), 0.0)
+    worst = trusted.maximum(Ss.max(axis=-1, keepdims=True), 0.0)
     return p @ v, p @ Sv + (p @ abs(v)) * (1.0 + 2.0 * worst)
 
 

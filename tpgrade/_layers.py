@@ -1,10 +1,10 @@
 """Check machinery shared by the column, row and MLP checks."""
 from __future__ import annotations
 
-from . import _trusted as T
+from . import _trusted as trusted
 from ._harness import record
-from .compare import (expect_array, expect_close, expect_dtype, expect_shape, expect_unchanged,
-                      expect_value_error, fail, is_close)
+from .verdict import (close, expect_array, expect_dtype, expect_output, expect_unchanged,
+                      expect_value_error, fail, snapshot)
 
 RANKS = (1, 2, 3, 4, 8)
 
@@ -16,29 +16,15 @@ def describe(fname, p, **arrays):
     return f"{fname}({', '.join(parts)}, num_ranks={p})"
 
 
-def copied(value):
-    """`value` with its arrays copied, also those in a list or tuple (one array per rank)."""
-    if isinstance(value, T.ndarray):
-        return value.copy()
-    if isinstance(value, (list, tuple)):
-        return type(value)(copied(v) for v in value)
-    return value
-
-
 def call_raw(f, args, kwargs=None):
     """Run the student's function on copies of the arrays (so the expected values, computed
     from the originals, cannot be disturbed); return what it returned, unchecked."""
-    return f(*[copied(a) for a in args], **{k: copied(v) for k, v in (kwargs or {}).items()})
+    return f(*[snapshot(a) for a in args], **{k: snapshot(v) for k, v in (kwargs or {}).items()})
 
 
 def call(f, name, args, kwargs=None):
     """call_raw, and the output must be an ndarray."""
     return expect_array(call_raw(f, args, kwargs), name)
-
-
-def expect_output(got, want, scale, dtype, name, shape_hints=(), explanations=()):
-    expect_shape(got, want.shape, name, shape_hints)
-    expect_close(got, want, scale, dtype, name, explanations)
 
 
 def count(calls, op):
@@ -100,7 +86,7 @@ def _piece_matches(piece, r, expected, scales, dtype, alternatives):
 
 def reduced(call_):
     """What a recorded all-reduce left on every rank: the sum of its per-rank inputs (float64)."""
-    total = call_.inputs[0].astype(T.float64)
+    total = call_.inputs[0].astype(trusted.float64)
     for piece in call_.inputs[1:]:
         total = total + piece
     return total
@@ -111,31 +97,17 @@ def _same_numbers(piece, want, scale, dtype):
         return False
     if piece.shape != want.shape:
         piece = piece.reshape(want.shape)
-    return is_close(piece, want, scale.reshape(want.shape), dtype)
+    return close(piece, want, dtype, scale.reshape(want.shape))
 
 
 def expect_inputs_unchanged(f, name, args, kwargs, labels):
-    """Call f and compare every array argument (also the arrays in a list argument) with a
-    copy taken before the call."""
-    arrays = list(args) + list(kwargs.values())
-    before = [copied(a) for a in arrays]
+    """Call f and compare every argument, whole (the arrays in it at any depth of lists, tuples
+    and dicts, whatever their new shape or dtype), with a copy taken before the call."""
+    arguments = list(args) + list(kwargs.values())
+    before = [snapshot(a) for a in arguments]
     f(*args, **kwargs)
-    for label, old, new in zip(labels, before, arrays):
-        _expect_same(old, new, label, name)
-
-
-def _expect_same(old, new, label, name):
-    if isinstance(old, T.ndarray):
-        if not isinstance(new, T.ndarray):
-            fail(f"{name} replaced its input {label} by a {type(new).__name__}; inputs must be "
-                 f"left as they were")
+    for label, old, new in zip(labels, before, arguments):
         expect_unchanged(old, new, label, name)
-    elif isinstance(old, (list, tuple)):
-        if len(new) != len(old):
-            fail(f"{name} changed the length of its input list {label} ({len(old)} -> "
-                 f"{len(new)}); inputs must be left as they were")
-        for i, (a, b) in enumerate(zip(old, new)):
-            _expect_same(a, b, f"{label}[{i}]", name)
 
 
 def expect_bad_args(f, fname, cases):
@@ -148,6 +120,6 @@ def with_dtype(got, want_dtype, name):
     expect_dtype(got, want_dtype, name)
 
 
-__all__ = ["RANKS", "call", "call_raw", "copied", "count", "describe", "expect_bad_args",
+__all__ = ["RANKS", "call", "call_raw", "count", "describe", "expect_bad_args",
            "expect_counts", "expect_inputs_unchanged", "expect_output", "expect_pieces",
            "last_call", "pieces_match", "record", "reduced", "with_dtype"]

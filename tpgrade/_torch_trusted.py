@@ -53,14 +53,16 @@ _DIST_NAMES = (
 _GENUINE = (Genuine(dist, _DIST_NAMES), Genuine(c10d, _DIST_NAMES), Genuine(torch_ranks))
 
 
-def run_on_ranks(fn, world_size, *args, **kwargs):
-    """torch_ranks.run_on_ranks, as captured; under the judge (tpjudge), where the student's
-    layers are stand-ins for code in another process, the ranks are forked in that process
-    and only their data comes back."""
+def run_on_ranks(fn, world_size, *args, reply, **kwargs):
+    """torch_ranks.run_on_ranks, as captured, and its result checked whole against `reply`
+    (tpgrade.replies: the number of ranks, each rank's values, their kinds) before any check
+    reads it. Under the judge (tpjudge), where the student's layers are stand-ins for code in
+    another process, the ranks are forked in that process and only their data comes back, as
+    that process sends it: the reply is what makes it safe to read."""
     remote = next((a.__tpjudge_remote__ for a in args if hasattr(a, "__tpjudge_remote__")), None)
     if remote is not None:
-        return remote.run_on_ranks(fn, world_size, *args, **kwargs)
-    return _run_on_ranks(fn, world_size, *args, **kwargs)
+        return reply.check(remote.run_on_ranks(fn, world_size, *args, **kwargs))
+    return reply.check(_run_on_ranks(fn, world_size, *args, **kwargs))
 
 
 def restore():

@@ -1,19 +1,19 @@
 """Deterministic test data and the dense reference computations (float64)."""
 from __future__ import annotations
 
-from . import _trusted as T
+from . import _trusted as trusted
 
 
 def arrays(seed, *shapes, dtype=None):
     """Random normal arrays of the given shapes (None -> None), float64 unless dtype given."""
-    rng = T.default_rng(seed)
+    rng = trusted.default_rng(seed)
     out = []
     for shape in shapes:
         if shape is None:
             out.append(None)
             continue
         a = rng.standard_normal(shape)
-        out.append(a.astype(dtype or T.float64))
+        out.append(a.astype(dtype or trusted.float64))
     return out
 
 
@@ -29,7 +29,7 @@ def balanced(n, p):
 
 
 def f64(a):
-    return None if a is None else a.astype(T.float64)
+    return None if a is None else a.astype(trusted.float64)
 
 
 def linear(x, W, b=None):
@@ -44,7 +44,7 @@ def linear(x, W, b=None):
 
 
 def relu(h):
-    return T.maximum(h, 0)
+    return trusted.maximum(h, 0)
 
 
 def mlp(x, W1, W2, b1=None, b2=None, activation=relu, x_scale=None):

@@ -1,87 +1,30 @@
-"""One verdict layer for tensors: the tolerance, the shape rule, the messages and the diagnoses.
+"""What the torch layers' verdicts know: the diagnoses of known mistakes, the test data, the
+dense float64 references and the device rules' messages.
 
-Both places that judge a tensor-parallel layer use it: the torch notebooks' checks
+Both places that judge a tensor-parallel layer use it with the verdict core (tpgrade.verdict:
+the tolerance, the message format, `mismatch`): the torch notebooks' checks
 (assignments/<name>/checks.py, in the grader's process) and the gpu_runner's judges
-(assignments/<name>/gpu/judge.py, in the grader process, on what torchrun ranks reported). numpy float64 only: nothing here imports
-torch, so the judging side needs none.
+(assignments/<name>/gpu/judge.py, in the grader process, on what torchrun ranks reported).
+numpy float64 only: nothing here imports torch, so the judging side needs none.
 
-A value is judged against the dense reference (float64, computed here by hand):
-`mismatch(got, want, what, ...)` is "" when it matches, else ONE sentence saying what is wrong
-and, when the numbers match a known mistake, which one ("only the local shard returned", "the
-bias added on every rank before the all-reduce", "only this rank's term of dL/dx", "another
-rank's shard"...). Callers prefix it with `where(rank, size)`, so every message names the world
-size and the rank, and never a file the student cannot see.
+A diagnosis is an (array, why) pair, the values a known mistake produces and what it is, for
+`verdict.mismatch(..., suspects=...)` ("only the local shard returned", "the bias added on every
+rank before the all-reduce", "only this rank's term of dL/dx", "another rank's shard"...): a
+failed verdict then says what the mistake probably is.
 """
 from __future__ import annotations
 
-from . import _trusted as T
+from . import _trusted as trusted
 from .cases import arrays
-from .compare import fail
-
-# got matches want when |got - want| <= ATOL + RTOL * |want| elementwise (torch.allclose's rule;
-# NaN never matches), with (ATOL, RTOL) for the dtype the layer computed in: float32 is what the
-# layers run in; float64 runs check that nothing on the way dropped to float32.
-TOLERANCE = {"float32": (1e-5, 1e-5), "float64": (1e-10, 1e-10)}
-
-
-def where(rank, size):
-    return f"rank {rank} of {size}"
-
-
-# -- comparing ----------------------------------------------------------------------------------
-def close(got, want, dtype="float32"):
-    """Same shape, and every element within the tolerance of `dtype`."""
-    if got is None or got.shape != want.shape:
-        return False
-    atol, rtol = TOLERANCE[dtype]
-    return bool((abs(got - want) <= atol + rtol * abs(want)).all())
-
-
-def equal(got, want):
-    """torch.equal: same shape, same values."""
-    return got is not None and got.shape == want.shape and bool((got == want).all())
-
-
-def max_diff(got, want):
-    if got.shape != want.shape:
-        return float("inf")
-    if not got.size:
-        return 0.0
-    diff = abs(got - want)
-    return float(diff.max()) if bool((diff == diff).all()) else float("nan")
-
-
-def shape(a):
-    return None if a is None else a.shape
-
-
-def show(a):
-    """Values for a message, on one line."""
-    return None if a is None else a.tolist()
-
-
-def mismatch(got, want, what, *, dtype="float32", shapes=(), suspects=(), missing=""):
-    """"" when `got` matches `want`; else what is wrong with `what`, and why if a known mistake
-    explains it. shapes: (shape, why) pairs, wrong shapes a known mistake produces; suspects:
-    (array, why) pairs, the values a known mistake produces (one equal to `want` is ignored);
-    missing: why `got` may be None."""
-    if got is None:
-        return f"{what} is None" + (f": {missing}" if missing else "")
-    if got.shape != want.shape:
-        why = next((text for wrong, text in shapes if tuple(wrong) == got.shape), "")
-        return f"{what} has shape {got.shape}, expected {want.shape}" + (f": {why}" if why else "")
-    if close(got, want, dtype):
-        return ""
-    why = next((text for wrong, text in suspects
-                if close(got, wrong, dtype) and not close(want, wrong, dtype)), "")
-    return (f"{what} differs from the dense result by up to {max_diff(got, want):.3g}"
-            + (f": {why}" if why else ""))
+from .verdict import close, says, show
 
 
 def zero_init(got, what):
     """A freshly built bias must be zero."""
     if got is None or not bool((got == 0).all()):
-        return f"{what} must start at zero, got {show(got)}"
+        return says(what, f"must start at zero, got {show(got)}",
+                    "it was left uninitialised (torch.empty) or initialised at random; "
+                    "a new bias is torch.zeros")
     return ""
 
 
@@ -139,28 +82,15 @@ DENSE_ON_RANK = ("computed from the whole master_weight on this rank: only this 
                  "shard only, then gather")
 
 
-# -- a rank's returned values in the notebook (tpgrade._torch_trusted.as_numpy) ------------------
-def array(value, rank, what):
-    """A rank's returned value as a float64 array; None stays None; a description of something
-    that was not a tensor fails the check."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        fail(f"rank {rank}: {what} is {value}, expected a torch.Tensor")
-    if type(value) is not T.ndarray:
-        fail(f"rank {rank}: {what} did not come back as a tensor")
-    return value.astype(T.float64)
-
-
 # -- test data ----------------------------------------------------------------------------------
 def f32(*shapes, seed):
     """float32 random normal test data."""
-    return arrays(seed, *shapes, dtype=T.float32)
+    return arrays(seed, *shapes, dtype=trusted.float32)
 
 
 def master(rows, cols):
     """0, 1, 2, ... as a (rows, cols) float32 weight: every shard is recognisable."""
-    return T.arange(rows * cols, dtype=T.float32).reshape(rows, cols)
+    return trusted.arange(rows * cols, dtype=trusted.float32).reshape(rows, cols)
 
 
 def noisy_master(weight, lo, hi, axis, seed):
@@ -176,28 +106,28 @@ def noisy_master(weight, lo, hi, axis, seed):
 # -- dense references (float64) -----------------------------------------------------------------
 def linear(x, w, b=None):
     """F.linear(x, W, b)."""
-    y = x.astype(T.float64) @ w.astype(T.float64).T
+    y = x.astype(trusted.float64) @ w.astype(trusted.float64).T
     return y if b is None else y + b
 
 
 def linear_grads(x, w, dy):
     """dL/dx, dL/dW, dL/db of L = sum(F.linear(x, W, b) * dy), x of shape (batch, in)."""
-    dy = dy.astype(T.float64)
-    return dy @ w.astype(T.float64), dy.T @ x.astype(T.float64), dy.sum(axis=0)
+    dy = dy.astype(trusted.float64)
+    return dy @ w.astype(trusted.float64), dy.T @ x.astype(trusted.float64), dy.sum(axis=0)
 
 
 def gelu(h):
     """F.gelu (exact, erf form) of h, and its derivative."""
-    cdf = T.asarray([0.5 * (1.0 + T.erf(v / 2 ** 0.5)) for v in h.ravel().tolist()],
-                    dtype=T.float64).reshape(h.shape)
-    pdf = T.exp(-0.5 * h * h) / (2 * 3.141592653589793) ** 0.5
+    cdf = trusted.asarray([0.5 * (1.0 + trusted.erf(v / 2 ** 0.5)) for v in h.ravel().tolist()],
+                          dtype=trusted.float64).reshape(h.shape)
+    pdf = trusted.exp(-0.5 * h * h) / (2 * 3.141592653589793) ** 0.5
     return h * cdf, cdf + h * pdf
 
 
 def dense_mlp(x, w1, b1, w2, b2, dy):
     """y = F.linear(F.gelu(F.linear(x, W1, b1)), W2, b2) and the gradients of L = sum(y * dy):
     {"y", "dx", "dw1", "db1", "dw2", "db2", "dh"} (dh: dL/d(fc1's output), for diagnoses)."""
-    x, w1, w2, dy = (a.astype(T.float64) for a in (x, w1, w2, dy))
+    x, w1, w2, dy = (a.astype(trusted.float64) for a in (x, w1, w2, dy))
     h = x @ w1.T + b1
     act, slope = gelu(h)
     dh = (dy @ w2) * slope

@@ -5,13 +5,13 @@ with a message that names the mistake, and prints nothing when the solution is r
 """
 from __future__ import annotations
 
-from tpgrade import _trusted as T
+from tpgrade import _trusted as trusted
 from tpgrade._harness import check, make_checks_read_only
 from tpgrade._layers import (RANKS, call, describe, expect_bad_args, expect_counts,
                              expect_inputs_unchanged, expect_output, expect_pieces, last_call,
                              record, reduced, with_dtype)
 from tpgrade.cases import arrays, balanced, f64, linear
-from tpgrade.compare import fail, is_close
+from tpgrade.verdict import close, fail
 
 # --------------------------------------------------------------------------- shard_sizes
 
@@ -22,7 +22,7 @@ def _expect_sizes(shard_sizes, n, p, want):
     if not isinstance(got, (list, tuple)):
         fail(f"{name} returned {type(got).__name__}, expected a list of ints")
     values = list(got)
-    if not all(isinstance(v, (int, T.integer)) and not isinstance(v, bool) for v in values):
+    if not all(isinstance(v, (int, trusted.integer)) and not isinstance(v, bool) for v in values):
         fail(f"{name} returned {values}: every size should be an int")
     if values == want:
         return
@@ -61,13 +61,13 @@ def shard_sizes_bad_args(shard_sizes):
 # --------------------------------------------------------------------------- column_parallel
 
 
-def _column_case(column_parallel, x, W, p, b=None, dtype=T.float64):
+def _column_case(column_parallel, x, W, p, b=None, dtype=trusted.float64):
     name = describe("column_parallel", p, x=x, W=W, b=b)
     got = call(column_parallel, name, (x, W, p), {} if b is None else {"b": b})
     want, scale = linear(x, W, b)
     lead = x.shape[:-1]
     out = W.shape[0]
-    hints = [(lead + (stop - start,), f"only the local shard was returned? Each rank holds "
+    hints = [(lead + (stop - start,), f"only the local shard was returned: each rank holds "
               f"{stop - start} of the {out} outputs; all_gather every rank's slice")
              for start, stop in balanced(out, p) if stop - start != out]
     hints.append((lead + (x.shape[-1],), "the output has in_features columns; W has shape "
@@ -144,7 +144,7 @@ def column_gather_inputs(column_parallel):
                   for a, z in balanced(12, p)]
         # A rank may add its bias slice before the gather, or the full bias may follow it.
         expect_pieces(gather, [s[0][0] for s in shards], [s[0][1] for s in shards],
-                      T.float64, name, "output slice x @ W_r.T",
+                      trusted.float64, name, "output slice x @ W_r.T",
                       alternatives=[s[1][0] for s in shards])
 
 
@@ -159,14 +159,14 @@ def column_inputs_unmodified(column_parallel):
 @check
 def column_dtype(column_parallel):
     for i, p in enumerate((1, 2, 4)):
-        x, W = arrays(80 + i, (5, 16), (24, 16), dtype=T.float32)
-        got = _column_case(column_parallel, x, W, p, dtype=T.float32)
-        with_dtype(got, T.float32, describe("column_parallel", p, x=x, W=W))
-        x, W, b = arrays(85 + i, (5, 16), (24, 16), (24,), dtype=T.float32)
+        x, W = arrays(80 + i, (5, 16), (24, 16), dtype=trusted.float32)
+        got = _column_case(column_parallel, x, W, p, dtype=trusted.float32)
+        with_dtype(got, trusted.float32, describe("column_parallel", p, x=x, W=W))
+        x, W, b = arrays(85 + i, (5, 16), (24, 16), (24,), dtype=trusted.float32)
         got = call(column_parallel, "column_parallel", (x, W, p), {"b": b})
-        with_dtype(got, T.float32, describe("column_parallel", p, x=x, W=W, b=b))
+        with_dtype(got, trusted.float32, describe("column_parallel", p, x=x, W=W, b=b))
     x, W = arrays(89, (5, 16), (24, 16))
-    with_dtype(call(column_parallel, "column_parallel", (x, W, 2), {}), T.float64,
+    with_dtype(call(column_parallel, "column_parallel", (x, W, 2), {}), trusted.float64,
                describe("column_parallel", 2, x=x, W=W))
 
 
@@ -190,7 +190,7 @@ def column_bad_args(column_parallel):
 # --------------------------------------------------------------------------- row_parallel
 
 
-def _row_case(row_parallel, x, W, p, b=None, dtype=T.float64):
+def _row_case(row_parallel, x, W, p, b=None, dtype=trusted.float64):
     name = describe("row_parallel", p, x=x, W=W, b=b)
     got = call(row_parallel, name, (x, W, p), {} if b is None else {"b": b})
     want, scale = linear(x, W, b)
@@ -259,7 +259,7 @@ def row_bias_after_reduce(row_parallel):
             call(row_parallel, name, (x, W, p), {"b": b})
         reduce = last_call(calls, "all_reduce", name)
         plain, scale = linear(x, W)
-        if not is_close(reduced(reduce), plain, scale, T.float64):
+        if not close(reduced(reduce), plain, trusted.float64, scale):
             fail(f"{name}: the partial sums given to all_reduce do not add up to x @ W.T "
                  f"without the bias: add b once, after the all-reduce, never inside a partial "
                  f"(on every rank it is counted num_ranks times; even on rank 0 alone it is "
@@ -290,7 +290,7 @@ def row_reduce_inputs(row_parallel):
             call(row_parallel, name, (x, W, p))
         reduce = last_call(calls, "all_reduce", name)
         partials = [linear(x[..., a:z], W[:, a:z]) for a, z in balanced(inp, p)]
-        expect_pieces(reduce, [y for y, _ in partials], [s for _, s in partials], T.float64,
+        expect_pieces(reduce, [y for y, _ in partials], [s for _, s in partials], trusted.float64,
                       name, "partial sum x_r @ W_r.T (its columns of x and W)")
 
 
@@ -305,14 +305,14 @@ def row_inputs_unmodified(row_parallel):
 @check
 def row_dtype(row_parallel):
     for i, p in enumerate((1, 2, 4)):
-        x, W = arrays(190 + i, (5, 24), (16, 24), dtype=T.float32)
-        got = _row_case(row_parallel, x, W, p, dtype=T.float32)
-        with_dtype(got, T.float32, describe("row_parallel", p, x=x, W=W))
-        x, W, b = arrays(195 + i, (5, 24), (16, 24), (16,), dtype=T.float32)
+        x, W = arrays(190 + i, (5, 24), (16, 24), dtype=trusted.float32)
+        got = _row_case(row_parallel, x, W, p, dtype=trusted.float32)
+        with_dtype(got, trusted.float32, describe("row_parallel", p, x=x, W=W))
+        x, W, b = arrays(195 + i, (5, 24), (16, 24), (16,), dtype=trusted.float32)
         got = call(row_parallel, "row_parallel", (x, W, p), {"b": b})
-        with_dtype(got, T.float32, describe("row_parallel", p, x=x, W=W, b=b))
+        with_dtype(got, trusted.float32, describe("row_parallel", p, x=x, W=W, b=b))
     x, W = arrays(199, (5, 24), (16, 24))
-    with_dtype(call(row_parallel, "row_parallel", (x, W, 2), {}), T.float64,
+    with_dtype(call(row_parallel, "row_parallel", (x, W, 2), {}), trusted.float64,
                describe("row_parallel", 2, x=x, W=W))
 
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import math
 
-from assignments.tp_torch_attention import dense as AB
-from tpgrade import _trusted as T
-from tpgrade import tensors as C
+from assignments.tp_torch_attention import dense as attention_dense
+from tpgrade import _trusted as trusted
+from tpgrade import replies, tensors, verdict
 from tpgrade._harness import check, make_checks_read_only
 from tpgrade._layers import expect_bad_args
 from tpgrade._torch_trusted import as_numpy, backprop, get_rank, no_grad, run_on_ranks, tensor
 from tpgrade._torch_trusted import torch_check as _torch_check
 from tpgrade.cases import balanced, kv_heads
-from tpgrade.compare import expect_number, fail
+from tpgrade.verdict import expect_number, fail
 
 TIMEOUT = 30           # seconds per run_on_ranks call
 HIDDEN, HEADS, KV, FFN = 6, 3, 1, 5
@@ -38,7 +38,7 @@ RANKS = 2
 def _as_pairs(got):
     """[(a, z), (ka, kz)] as exact ints, or None."""
     try:
-        return [(T.index(a), T.index(b)) for a, b in got]
+        return [(trusted.index(a), trusted.index(b)) for a, b in got]
     except (TypeError, ValueError):
         return None
 
@@ -73,11 +73,11 @@ def head_ranges(head_ranges):
 
 # -- test data --------------------------------------------------------------------------------------
 def _weights(seed, ffn=None):
-    return AB.weights(seed, SHAPE, HEADS, KV, ffn)
+    return attention_dense.weights(seed, SHAPE, HEADS, KV, ffn)
 
 
 def _masters(P, seed):
-    return [AB.master_weights(P, rank, RANKS, HEADS, KV, seed) for rank in range(RANKS)]
+    return [attention_dense.master_weights(P, rank, RANKS, HEADS, KV, seed) for rank in range(RANKS)]
 
 
 def _set(param, value):
@@ -94,7 +94,11 @@ def _projection_shards(QKVParallelLinear, OutputParallelLinear, wq, wk, wv, wo):
 
 
 def _recognisable(rows, cols, start):
-    return (T.arange(rows * cols, dtype=T.float32).reshape(rows, cols) + start).astype(T.float32)
+    return (trusted.arange(rows * cols, dtype=trusted.float32).reshape(rows, cols) + start).astype(trusted.float32)
+
+
+_SHARDS_REPLY = replies.ranks(RANKS, replies.tensors("qkv.weight", "qkv.bias", "proj.weight",
+                                                     "proj.bias"))
 
 
 @_torch_check
@@ -106,36 +110,36 @@ def projection_shards(QKVParallelLinear, OutputParallelLinear):
     wq, wk, wv = (_recognisable(n * d, HIDDEN, s) for n, s in ((HEADS, 0), (KV, 100), (KV, 200)))
     wo = _recognisable(HIDDEN, HEADS * d, 300)
     per_rank = run_on_ranks(_projection_shards, RANKS, QKVParallelLinear, OutputParallelLinear,
-                            wq, wk, wv, wo, timeout=TIMEOUT)
+                            wq, wk, wv, wo, timeout=TIMEOUT, reply=_SHARDS_REPLY)
     for rank, (w_qkv, b_qkv, w_out, b_out) in enumerate(per_rank):
-        (a, z), (ka, kz) = AB.head_ranges(HEADS, KV, rank, RANKS)
-        want = T.asarray(list(wq[a * d:z * d]) + list(wk[ka * d:kz * d]) + list(wv[ka * d:kz * d]))
+        (a, z), (ka, kz) = attention_dense.head_ranges(HEADS, KV, rank, RANKS)
+        want = trusted.asarray(list(wq[a * d:z * d]) + list(wk[ka * d:kz * d]) + list(wv[ka * d:kz * d]))
         lo, hi = balanced(HEADS * d, RANKS)[rank]
-        cut = T.asarray(list(wq[lo:hi]) + list(wk[ka * d:kz * d]) + list(wv[ka * d:kz * d]))
-        text = C.mismatch(C.array(w_qkv, rank, "qkv.weight"), want.astype(T.float64),
+        cut = trusted.asarray(list(wq[lo:hi]) + list(wk[ka * d:kz * d]) + list(wv[ka * d:kz * d]))
+        text = verdict.mismatch(w_qkv, want.astype(trusted.float64),
                           "qkv.weight (this rank's q rows, then its KV heads' k rows, then v rows)",
                           shapes=[(cut.shape, "the q rows split by features, not by heads: "
                                               "a head is cut between ranks"),
                                   (((HEADS + 2 * KV) * d, HIDDEN), "the whole fused weight: "
                                                                    "keep this rank's heads only")])
         if text:
-            fail(f"{C.where(rank, RANKS)}: {text}")
+            fail(f"{verdict.where(rank, RANKS)}: {text}")
         if b_qkv is not None:
-            fail(f"{C.where(rank, RANKS)}: qkv has a bias: the QKV projection has none here "
+            fail(f"{verdict.where(rank, RANKS)}: qkv has a bias: the QKV projection has none here "
                  f"(register_parameter('bias', None), or no .bias at all)")
-        text = C.mismatch(C.array(w_out, rank, "proj.weight"),
-                          wo[:, a * d:z * d].astype(T.float64),
+        text = verdict.mismatch(w_out,
+                          wo[:, a * d:z * d].astype(trusted.float64),
                           "proj.weight (this rank's heads' columns of wo)",
                           shapes=[(wo.shape, "the whole wo: keep this rank's heads' columns")])
         if text:
-            fail(f"{C.where(rank, RANKS)}: {text}")
-        bias = C.array(b_out, rank, "proj.bias")
-        if C.shape(bias) != (HIDDEN,):
-            fail(f"{C.where(rank, RANKS)}: proj.bias should be the FULL bias, shape ({HIDDEN},); "
-                 f"got {C.shape(bias)}")
-        text = C.zero_init(bias, "proj.bias")
+            fail(f"{verdict.where(rank, RANKS)}: {text}")
+        bias = b_out
+        if verdict.shape(bias) != (HIDDEN,):
+            fail(f"{verdict.where(rank, RANKS)}: proj.bias should be the FULL bias, shape ({HIDDEN},); "
+                 f"got {verdict.shape(bias)}")
+        text = tensors.zero_init(bias, "proj.bias")
         if text:
-            fail(f"{C.where(rank, RANKS)}: {text}")
+            fail(f"{verdict.where(rank, RANKS)}: {text}")
 
 
 # -- ParallelAttention ------------------------------------------------------------------------------
@@ -155,9 +159,9 @@ def _attention(ParallelAttention, masters, bo, x, g, causal, backward):
 
 def _attention_suspects(P, x, causal, dense):
     """(output, why) of the classic mistakes, from the dense reference."""
-    found = [C.bias_every_rank(dense, P["bo"], RANKS)]
+    found = [tensors.bias_every_rank(dense, P["bo"], RANKS)]
     if causal:
-        found.append((AB.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, False,
+        found.append((attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, False,
                                    P["bo"]).y,
                       "no causal mask: query i must not see keys j > i (mask the scores with "
                       "-inf before the softmax)"))
@@ -171,15 +175,20 @@ def attention_forward(ParallelAttention):
     P, x, g = _weights(601)
     masters = _masters(P, 611)
     for causal in (False, True):
-        dense = AB.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, causal, P["bo"]).y
+        dense = attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, causal, P["bo"]).y
         per_rank = run_on_ranks(_attention, RANKS, ParallelAttention, masters, P["bo"], x, g,
-                                causal, False, timeout=TIMEOUT)
+                                causal, False, timeout=TIMEOUT,
+                                reply=replies.ranks(RANKS, replies.Tensor("the output")))
         for rank, y in enumerate(per_rank):
-            text = C.mismatch(C.array(y, rank, "the output"), dense,
+            text = verdict.mismatch(y, dense,
                               f"ParallelAttention's output (causal={causal})",
                               suspects=_attention_suspects(P, x, causal, dense))
             if text:
-                fail(f"{C.where(rank, RANKS)}: {text}")
+                fail(f"{verdict.where(rank, RANKS)}: {text}")
+
+
+_ATTENTION_GRADS = replies.ranks(RANKS, replies.tensors(
+    "the output", "x.grad", "qkv.weight.grad", "proj.weight.grad", "proj.bias.grad"))
 
 
 @_torch_check
@@ -188,25 +197,23 @@ def attention_backward(ParallelAttention):
     of the replicated KV head), proj.weight.grad (its columns), proj.bias.grad."""
     P, x, g = _weights(621)
     masters = _masters(P, 631)
-    ref = AB.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, True, P["bo"], g)
+    ref = attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, True, P["bo"], g)
     per_rank = run_on_ranks(_attention, RANKS, ParallelAttention, masters, P["bo"], x, g, True,
-                            True, timeout=TIMEOUT)
-    for rank, values in enumerate(per_rank):
-        _, gx, gqkv, gw, gb = (C.array(v, rank, what) for v, what in zip(values, (
-            "the output", "x.grad", "qkv.weight.grad", "proj.weight.grad", "proj.bias.grad")))
-        own = AB.own_heads(x, P, HEADS, KV, rank, RANKS, True, g).dx
+                            True, timeout=TIMEOUT, reply=_ATTENTION_GRADS)
+    for rank, (_, gx, gqkv, gw, gb) in enumerate(per_rank):
+        own = attention_dense.own_heads(x, P, HEADS, KV, rank, RANKS, True, g).dx
         for got, want, what, suspects in (
-                (gx, ref.dx, "dL/dx", [C.own_term_only(own)]),
+                (gx, ref.dx, "dL/dx", [tensors.own_term_only(own)]),
                 (gqkv, ref.qkv_rows(rank, RANKS), "qkv.weight.grad (this rank's heads' rows of "
                  "the dense gradient; for a replicated KV head, the share of this rank's query "
                  "heads)", []),
                 (gw, ref.proj_columns(rank, RANKS), "proj.weight.grad (this rank's columns of "
                  "the dense gradient)", []),
-                (gb, ref.dbo, "proj.bias.grad", [C.bias_grad_rank0_only(ref.dbo)])):
-            text = C.mismatch(got, want, what, missing="the output is not connected to it in "
+                (gb, ref.dbo, "proj.bias.grad", [tensors.bias_grad_rank0_only(ref.dbo)])):
+            text = verdict.mismatch(got, want, what, missing="the output is not connected to it in "
                                                        "autograd", suspects=suspects)
             if text:
-                fail(f"{C.where(rank, RANKS)}: {text}")
+                fail(f"{verdict.where(rank, RANKS)}: {text}")
 
 
 # -- ParallelTransformerLayer -----------------------------------------------------------------------
@@ -228,16 +235,16 @@ def _layer(ParallelTransformerLayer, masters, P, x, g):
             as_numpy(layer.attn.qkv.weight.grad), as_numpy(layer.mlp.fc1.weight.grad))
 
 
+_LAYER_REPLY = replies.ranks(RANKS, replies.tensors(
+    "the output", "x.grad", "ln1.weight.grad", "attn.qkv.weight.grad", "mlp.fc1.weight.grad"))
+
+
 def _layer_run(ParallelTransformerLayer, seed):
     P, x, g = _weights(seed, ffn=FFN)
     masters = _masters(P, seed + 5)
-    ref = AB.layer(x, P, HEADS, KV, True, 1e-5, g)
-    per_rank = run_on_ranks(_layer, RANKS, ParallelTransformerLayer, masters, P, x, g,
-                            timeout=TIMEOUT)
-    names = ("the output", "x.grad", "ln1.weight.grad", "attn.qkv.weight.grad",
-             "mlp.fc1.weight.grad")
-    return P, ref, [[C.array(v, rank, what) for v, what in zip(values, names)]
-                    for rank, values in enumerate(per_rank)]
+    ref = attention_dense.layer(x, P, HEADS, KV, True, 1e-5, g)
+    return P, ref, run_on_ranks(_layer, RANKS, ParallelTransformerLayer, masters, P, x, g,
+                                timeout=TIMEOUT, reply=_LAYER_REPLY)
 
 
 @_torch_check
@@ -245,11 +252,11 @@ def layer_forward(ParallelTransformerLayer):
     """2 ranks, causal: the dense pre-LN layer's output on every rank."""
     P, ref, per_rank = _layer_run(ParallelTransformerLayer, 641)
     for rank, (y, *_) in enumerate(per_rank):
-        text = C.mismatch(y, ref.y, "ParallelTransformerLayer's output (x + attention(LN1(x)), "
+        text = verdict.mismatch(y, ref.y, "ParallelTransformerLayer's output (x + attention(LN1(x)), "
                           "then h + MLP(LN2(h)))",
-                          suspects=[C.bias_every_rank(ref.y, P["b2"], RANKS)])   # fc2's
+                          suspects=[tensors.bias_every_rank(ref.y, P["b2"], RANKS)])   # fc2's
         if text:
-            fail(f"{C.where(rank, RANKS)}: {text}")
+            fail(f"{verdict.where(rank, RANKS)}: {text}")
 
 
 @_torch_check
@@ -264,10 +271,10 @@ def layer_backward(ParallelTransformerLayer):
                  "full gradient on every rank)"),
                 (g_qkv, ref.attention.qkv_rows(rank, RANKS), "attn.qkv.weight.grad"),
                 (g_fc1, ref.params["w1"][lo:hi], "mlp.fc1.weight.grad")):
-            text = C.mismatch(got, want, what, missing="the output is not connected to it in "
+            text = verdict.mismatch(got, want, what, missing="the output is not connected to it in "
                                                        "autograd")
             if text:
-                fail(f"{C.where(rank, RANKS)}: {text}")
+                fail(f"{verdict.where(rank, RANKS)}: {text}")
 
 
 # -- measure_overhead: what it returns ------------------------------------------------------------
@@ -281,19 +288,29 @@ def _measured(measure_overhead):
     out = {}
     for key, value in got.items():
         try:
-            out[T.index(key)] = [float(v) for v in value]
+            out[trusted.index(key)] = [float(v) for v in value]
         except (TypeError, ValueError):
             return f"{{{key!r}: {value!r}, ...}}"
     return out
+
+
+# what _measured sends: a description of what came instead of a dict, or the dict, each entry
+# a list of floats (their number is part of the verdict)
+_MEASURED_REPLY = replies.ranks(RANKS, replies.Either(
+    replies.Text("what measure_overhead returned"),
+    replies.Mapping("measure_overhead's result", keys=replies.Number("a size", integer=True),
+                    values=replies.Sequence(replies.Number("a time"), "the times", limit=100),
+                    limit=100)))
 
 
 @_torch_check
 def overhead_result(measure_overhead):
     """2 ranks, sizes (64, 96): {n: (compute_ms, comm_ms)} on every rank, two positive numbers
     per size (milliseconds)."""
-    per_rank = run_on_ranks(_measured, RANKS, measure_overhead, timeout=TIMEOUT)
+    per_rank = run_on_ranks(_measured, RANKS, measure_overhead, timeout=TIMEOUT,
+                            reply=_MEASURED_REPLY)
     for rank, got in enumerate(per_rank):
-        where = C.where(rank, RANKS)
+        where = verdict.where(rank, RANKS)
         if isinstance(got, str):
             fail(f"{where}: measure_overhead returned {got}, expected a dict "
                  f"{{n: (compute_ms, comm_ms)}}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tpgrade import _trusted as T
+from tpgrade import _trusted as trusted
 from tpgrade._attention_dense import causal_mask, softmax, zeros
 from tpgrade.cases import arrays, balanced, f64, kv_heads
 from tpgrade.tensors import gelu, noisy_master
@@ -96,7 +96,7 @@ def _head_forward(x, wq, wk, wv, causal, mask_after=False):
         p = softmax(s) * causal_mask(s.shape[-1])
     else:
         if causal:
-            s = s + T.asarray([_NEG_INF, 0.0])[causal_mask(s.shape[-1]).astype(int)]
+            s = s + trusted.asarray([_NEG_INF, 0.0])[causal_mask(s.shape[-1]).astype(int)]
         p = softmax(s)
     return q, k, v, p, p @ v
 
@@ -239,7 +239,7 @@ def weights(seed, shape, heads, kv, ffn=None):
                                                     (hidden,))
         P.update(w1=w1 * hidden ** -0.5, b1=b1, w2=w2 * ffn ** -0.5, b2=b2, ln1_w=1 + 0.2 * l1w,
                  ln1_b=0.2 * l1b, ln2_w=1 + 0.2 * l2w, ln2_b=0.2 * l2b)
-    as32 = (lambda a: a.astype(T.float32))
+    as32 = (lambda a: a.astype(trusted.float32))
     return {k: as32(v) for k, v in P.items()}, as32(x), as32(g)
 
 

@@ -7,18 +7,19 @@ Each public function is one graded test cell (`from assignments.tp_torch_sequenc
 checks as check; check.layer_sp_forward(LayerSP)`): it raises an AssertionError whose message names the mistake
 and prints nothing when the solution is right. The ranks (module-level functions below, forked
 by run_on_ranks: in the student's process under the judge) build the student's layers from
-numpy data and send back arrays; every verdict is made here, with tpgrade.tensors.
+numpy data and send back arrays; every verdict is made here, with tpgrade.verdict, on replies checked whole first
+(tpgrade.replies).
 """
 from __future__ import annotations
 
-from assignments.tp_torch_sequence import dense as D
-from tpgrade import _trusted as T
-from tpgrade import tensors as C
+from assignments.tp_torch_sequence import dense as sequence_dense
+from tpgrade import _trusted as trusted
+from tpgrade import replies, tensors, verdict
 from tpgrade._harness import make_checks_read_only
 from tpgrade._torch_trusted import (TIMEOUT, as_numpy, backprop, get_rank, no_grad, run_on_ranks,
                                     tensor, torch_check)
 from tpgrade.cases import balanced
-from tpgrade.compare import fail
+from tpgrade.verdict import fail
 
 RANKS = 2
 SEQ = 5                       # tokens: 3 + 2 over the two ranks
@@ -28,28 +29,24 @@ _NOT_CONNECTED = "the output is not connected to it in autograd"
 
 
 def _rows(n, rank):
-    return D.rows(n, rank, RANKS)
+    return sequence_dense.rows(n, rank, RANKS)
 
 
 def _check(rank, got, want, what, **diagnoses):
-    text = C.mismatch(got, want, what, **diagnoses)
+    text = verdict.mismatch(got, want, what, **diagnoses)
     if text:
-        fail(f"{C.where(rank, RANKS)}: {text}")
-
-
-def _arrays(values, rank, names):
-    return [C.array(v, rank, what) for v, what in zip(values, names)]
+        fail(f"{verdict.where(rank, RANKS)}: {text}")
 
 
 # -- the sequence-parallel mappings ------------------------------------------------------------
 # rows 0-2 on rank 0, rows 3-4 on rank 1 (the balanced split of 5 tokens)
 def _x(seed):
-    return C.f32((SEQ, 2), seed=seed)[0]
+    return tensors.f32((SEQ, 2), seed=seed)[0]
 
 
 def _per_rank(seed):
     """A different (5, 2) array on each rank (the partial sums of a tensor-parallel layer)."""
-    return [C.f32((SEQ, 2), seed=seed + r)[0] for r in range(RANKS)]
+    return [tensors.f32((SEQ, 2), seed=seed + r)[0] for r in range(RANKS)]
 
 
 def _mapping(fn, inputs, upstreams, full, what):
@@ -62,9 +59,9 @@ def _mapping(fn, inputs, upstreams, full, what):
 
 
 def _run_mapping(fn, inputs, upstreams, full, what):
-    per_rank = run_on_ranks(_mapping, RANKS, fn, inputs, upstreams, full, what, timeout=TIMEOUT)
-    return [_arrays(values, rank, (f"{what}'s output", "the input's .grad"))
-            for rank, values in enumerate(per_rank)]
+    reply = replies.ranks(RANKS, replies.tensors(f"{what}'s output", "the input's .grad"))
+    return run_on_ranks(_mapping, RANKS, fn, inputs, upstreams, full, what, timeout=TIMEOUT,
+                        reply=reply)
 
 
 _GATHER = "gather_from_sequence_parallel_region"
@@ -127,16 +124,16 @@ def sequence_scatter(scatter_to_sequence_parallel_region):
 
 def _only(full, rows):
     """`full` with zeros outside `rows`."""
-    out = full.astype(T.float64) * 0
+    out = full.astype(trusted.float64) * 0
     out[rows] = full[rows]
     return out
 
 
 # -- LayerSP -----------------------------------------------------------------------------------
 def _sp_case():
-    x, w1, b1, w2, b2, g = C.f32((SEQ, 2, HIDDEN), (FFN, HIDDEN), (FFN,), (HIDDEN, FFN),
+    x, w1, b1, w2, b2, g = tensors.f32((SEQ, 2, HIDDEN), (FFN, HIDDEN), (FFN,), (HIDDEN, FFN),
                                  (HIDDEN,), (SEQ, 2, HIDDEN), seed=61)
-    ln_w, ln_b = (1.0 + 0.5 * C.f32((HIDDEN,), seed=62)[0]), C.f32((HIDDEN,), seed=63)[0]
+    ln_w, ln_b = (1.0 + 0.5 * tensors.f32((HIDDEN,), seed=62)[0]), tensors.f32((HIDDEN,), seed=63)[0]
     return x, ln_w, ln_b, w1, b1, w2, b2, g
 
 
@@ -156,16 +153,18 @@ def _layer_sp(LayerSP, x, ln_w, ln_b, w1s, b1, w2s, b2, g):
                                   layer.ln.weight.grad, layer.ln.bias.grad)]
 
 
+_SP_REPLY = replies.ranks(RANKS, replies.tensors(
+    "the output", "x_r.grad", "fc1.weight.grad", "fc2.weight.grad", "ln.weight.grad",
+    "ln.bias.grad"))
+
+
 def _sp_run(LayerSP):
     x, ln_w, ln_b, w1, b1, w2, b2, g = case = _sp_case()
-    masters = ([C.noisy_master(w1, *balanced(FFN, RANKS)[r], 0, 701 + r) for r in range(RANKS)],
-               [C.noisy_master(w2, *balanced(FFN, RANKS)[r], 1, 711 + r) for r in range(RANKS)])
-    per_rank = run_on_ranks(_layer_sp, RANKS, LayerSP, x, ln_w, ln_b, masters[0], b1,
-                            masters[1], b2, g, timeout=TIMEOUT)
-    names = ("the output", "x_r.grad", "fc1.weight.grad", "fc2.weight.grad", "ln.weight.grad",
-             "ln.bias.grad")
-    got = [_arrays(values, rank, names) for rank, values in enumerate(per_rank)]
-    return got, case, D.sp_block(x, ln_w, ln_b, w1, b1, w2, b2, g)
+    masters = ([tensors.noisy_master(w1, *balanced(FFN, RANKS)[r], 0, 701 + r) for r in range(RANKS)],
+               [tensors.noisy_master(w2, *balanced(FFN, RANKS)[r], 1, 711 + r) for r in range(RANKS)])
+    got = run_on_ranks(_layer_sp, RANKS, LayerSP, x, ln_w, ln_b, masters[0], b1, masters[1], b2,
+                       g, timeout=TIMEOUT, reply=_SP_REPLY)
+    return got, case, sequence_dense.sp_block(x, ln_w, ln_b, w1, b1, w2, b2, g)
 
 
 @torch_check
@@ -192,7 +191,7 @@ def layer_sp_backward(LayerSP):
     for rank, (_, gx, gw1, gw2, gln_w, gln_b) in enumerate(per_rank):
         mine, units = _rows(SEQ, rank), _rows(FFN, rank)
         _check(rank, gx, dense["dx"][mine], "dL/dx of this rank's tokens", missing=_NOT_CONNECTED,
-               suspects=[(D.mlp_input_grad_twice(dense, mine, RANKS), (
+               suspects=[(sequence_dense.mlp_input_grad_twice(dense, mine, RANKS), (
                    "the MLP's part of dL/dx counted 2 times: fc1 was called as a layer after the "
                    "gather, so its f (copy_to_tp_region) all-reduces what the gather's "
                    "reduce-scatter sums again; use F.linear with fc1's weight"))])
@@ -200,24 +199,24 @@ def layer_sp_backward(LayerSP):
                "gradient)", missing=_NOT_CONNECTED)
         _check(rank, gw2, dense["dw2"][:, units], "fc2.weight.grad (its columns of the dense W2 "
                "gradient)", missing=_NOT_CONNECTED)
-        own = D.own_token_grads(dense, mine)
-        gathered = D.layer_norm_grads_gathered(dense, w1, units)
+        own = sequence_dense.own_token_grads(dense, mine)
+        gathered = sequence_dense.layer_norm_grads_gathered(dense, w1, units)
         for got, want, wrong, name in ((gln_w, own["ln_w"], gathered[0], "ln.weight.grad"),
                                        (gln_b, own["ln_b"], gathered[1], "ln.bias.grad")):
             _check(rank, got, want, f"{name} (the dense LayerNorm gradient over this rank's "
-                   f"tokens only)", missing=_NOT_CONNECTED, suspects=[(wrong, D.LAYERNORM_GATHERED)])
+                   f"tokens only)", missing=_NOT_CONNECTED, suspects=[(wrong, sequence_dense.LAYERNORM_GATHERED)])
 
 
 
 # -- VocabParallelEmbedding ----------------------------------------------------------------------
 def _emb_case():
-    table, g = C.f32((VOCAB, EMB), (2, 4, EMB), seed=81)
-    ids = T.asarray([[4, 0, 3, 2], [1, 4, 0, 0]])       # both ranks own some; repeats
+    table, g = tensors.f32((VOCAB, EMB), (2, 4, EMB), seed=81)
+    ids = trusted.asarray([[4, 0, 3, 2], [1, 4, 0, 0]])       # both ranks own some; repeats
     return table, ids, g
 
 
 def _emb_masters(table):
-    return [C.noisy_master(table, *balanced(VOCAB, RANKS)[r], 0, 801 + r) for r in range(RANKS)]
+    return [tensors.noisy_master(table, *balanced(VOCAB, RANKS)[r], 0, 801 + r) for r in range(RANKS)]
 
 
 def _embedding(VocabParallelEmbedding, masters, ids, g):
@@ -228,12 +227,14 @@ def _embedding(VocabParallelEmbedding, masters, ids, g):
     return as_numpy(emb.weight), as_numpy(y), as_numpy(emb.weight.grad)
 
 
+_EMB_REPLY = replies.ranks(RANKS, replies.tensors(".weight", "the embeddings", ".weight.grad"))
+
+
 def _emb_run(VocabParallelEmbedding):
     table, ids, g = _emb_case()
     per_rank = run_on_ranks(_embedding, RANKS, VocabParallelEmbedding, _emb_masters(table),
-                            ids, g, timeout=TIMEOUT)
-    names = (".weight", "the embeddings", ".weight.grad")
-    return [_arrays(v, rank, names) for rank, v in enumerate(per_rank)], (table, ids, g)
+                            ids, g, timeout=TIMEOUT, reply=_EMB_REPLY)
+    return per_rank, (table, ids, g)
 
 
 @torch_check
@@ -241,14 +242,14 @@ def embedding_forward(VocabParallelEmbedding):
     """2 ranks, a (5, 3) table as rows 0-2 and 3-4: .weight holds this rank's rows, and the
     output equals table[token_ids] on every rank."""
     per_rank, (table, ids, g) = _emb_run(VocabParallelEmbedding)
-    dense, _ = D.embedding(table, ids, g)
+    dense, _ = sequence_dense.embedding(table, ids, g)
     for rank, (weight, y, _) in enumerate(per_rank):
         mine = _rows(VOCAB, rank)
         _check(rank, weight, table[mine], f".weight (rows {mine.start}..{mine.stop - 1} of "
                f"master_weight)", shapes=[(table.shape, "the whole table: keep this rank's "
                                                         "rows only")])
         _check(rank, y, dense, "the embeddings (table[token_ids])", suspects=[
-            (D.embedding_unmasked(table, ids, RANKS), D.EMB_NOT_MASKED)])
+            (sequence_dense.embedding_unmasked(table, ids, RANKS), sequence_dense.EMB_NOT_MASKED)])
 
 
 
@@ -257,13 +258,13 @@ def embedding_backward(VocabParallelEmbedding):
     """2 ranks: .weight.grad is this rank's rows of the dense table gradient (the upstream
     gradients of the tokens it owns, summed per row; zero for the rows no token uses)."""
     per_rank, (table, ids, g) = _emb_run(VocabParallelEmbedding)
-    _, grad = D.embedding(table, ids, g)
+    _, grad = sequence_dense.embedding(table, ids, g)
     for rank, (*_, got) in enumerate(per_rank):
         mine = _rows(VOCAB, rank)
         _check(rank, got, grad[mine], f".weight.grad (rows {mine.start}..{mine.stop - 1} of the "
                f"dense table gradient)", missing=_NOT_CONNECTED, suspects=[
-                   (D.embedding_grad_leak(grad[mine], ids, g, mine.start, mine.stop),
-                    D.EMB_GRAD_LEAK)])
+                   (sequence_dense.embedding_grad_leak(grad[mine], ids, g, mine.start, mine.stop),
+                    sequence_dense.EMB_GRAD_LEAK)])
 
 
 
@@ -283,22 +284,23 @@ def _bad_ids(VocabParallelEmbedding, cases):
 def embedding_bad_ids(VocabParallelEmbedding):
     """1 rank: a token id outside [0, V) is a ValueError (no rank owns it: it would silently
     embed as zeros)."""
-    cases = [T.asarray([0, VOCAB]), T.asarray([-1, 2])]
-    outcomes = run_on_ranks(_bad_ids, 1, VocabParallelEmbedding, cases, timeout=TIMEOUT)[0]
+    cases = [trusted.asarray([0, VOCAB]), trusted.asarray([-1, 2])]
+    outcomes = run_on_ranks(_bad_ids, 1, VocabParallelEmbedding, cases, timeout=TIMEOUT,
+                            reply=replies.ranks(1, replies.outcomes(len(cases))))[0]
     for ids, outcome in zip(cases, outcomes):
         name = f"VocabParallelEmbedding({VOCAB}, {EMB}) on token ids {ids.tolist()}"
         if outcome is None:
             fail(f"{name} was accepted: an id outside [0, {VOCAB}) must raise ValueError")
-        kind, text = (str(part) for part in outcome)
+        kind, text = outcome
         if kind != "ValueError":
             fail(f"{name} raised {kind}({text!r}): it should raise ValueError")
 
 
 # -- vocab_parallel_cross_entropy -----------------------------------------------------------------
 def _ce_case(scale=3.0, shift=0.0, seed=91):
-    z, g = C.f32((3, VOCAB), (3,), seed=seed)
-    target = T.asarray([4, 0, 2])                     # owned by rank 1, rank 0, rank 0
-    return (z * scale + shift).astype(T.float32), target, g
+    z, g = tensors.f32((3, VOCAB), (3,), seed=seed)
+    target = trusted.asarray([4, 0, 2])                     # owned by rank 1, rank 0, rank 0
+    return (z * scale + shift).astype(trusted.float32), target, g
 
 
 def _cross_entropy(vocab_parallel_cross_entropy, z, target, g):
@@ -309,13 +311,14 @@ def _cross_entropy(vocab_parallel_cross_entropy, z, target, g):
     return as_numpy(loss), as_numpy(z_r.grad)
 
 
+_CE_REPLY = replies.ranks(RANKS, replies.tensors("the loss", "the logits shard's .grad"))
+
+
 def _ce_run(vocab_parallel_cross_entropy, case):
     z, target, g = case
     per_rank = run_on_ranks(_cross_entropy, RANKS, vocab_parallel_cross_entropy, z, target, g,
-                            timeout=TIMEOUT)
-    names = ("the loss", "the logits shard's .grad")
-    return [_arrays(v, rank, names) for rank, v in enumerate(per_rank)], D.cross_entropy(
-        z, target, g)
+                            timeout=TIMEOUT, reply=_CE_REPLY)
+    return per_rank, sequence_dense.cross_entropy(z, target, g)
 
 
 @torch_check
@@ -347,7 +350,7 @@ def ce_large_logits(vocab_parallel_cross_entropy):
     for rank, (got, got_grad) in enumerate(per_rank):
         mine = _rows(VOCAB, rank)
         if got is not None and not bool((abs(got) < float("inf")).all()):
-            fail(f"{C.where(rank, RANKS)}: the loss of logits ~1e4 is {C.show(got)}: exp "
+            fail(f"{verdict.where(rank, RANKS)}: the loss of logits ~1e4 is {verdict.show(got)}: exp "
                  f"overflowed; subtract the largest logit of ALL ranks (an all-reduce MAX) "
                  f"before exp")
         _check(rank, got, loss, "the per-token loss of logits ~1e4")

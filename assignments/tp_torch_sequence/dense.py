@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as _np
 
-from tpgrade import _trusted as T
+from tpgrade import _trusted as trusted
 from tpgrade.cases import balanced, f64
 from tpgrade.tensors import gelu
 
@@ -163,11 +163,11 @@ def cross_entropy(z, target, g):
     and dL/dz for L = sum(loss * g)."""
     z, g = f64(z), f64(g)
     m = z.max(axis=-1, keepdims=True)
-    e = T.exp(z - m)
+    e = trusted.exp(z - m)
     total = e.sum(axis=-1, keepdims=True)
     flat = z.reshape(-1, z.shape[-1])
-    picked = flat[T.arange(flat.shape[0]), target.reshape(-1)].reshape(target.shape)
+    picked = flat[trusted.arange(flat.shape[0]), target.reshape(-1)].reshape(target.shape)
     loss = m[..., 0] + _log(total[..., 0]) - picked
     grad = e / total
-    grad.reshape(-1, z.shape[-1])[T.arange(flat.shape[0]), target.reshape(-1)] -= 1.0
+    grad.reshape(-1, z.shape[-1])[trusted.arange(flat.shape[0]), target.reshape(-1)] -= 1.0
     return loss, grad * g[..., None]

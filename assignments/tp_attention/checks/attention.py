@@ -10,12 +10,12 @@ the fused W_qkv is [Wq; Wk; Wv] and a rank's shard is [its q rows; its k rows; i
 from __future__ import annotations
 
 from tpgrade import _attention_dense as dense
-from tpgrade import _trusted as T
+from tpgrade import _trusted as trusted
 from tpgrade._harness import check, make_read_only
 from tpgrade._layers import (call, expect_bad_args, expect_counts, expect_inputs_unchanged,
                              expect_output, expect_pieces, last_call, record, reduced, with_dtype)
 from tpgrade.cases import arrays, balanced, f64, kv_heads, relu
-from tpgrade.compare import CheckFailed, expect_unchanged, fail, is_close
+from tpgrade.verdict import CheckFailed, close, expect_unchanged, fail, snapshot
 
 # --------------------------------------------------------------------------- test data
 
@@ -68,7 +68,7 @@ def _heads_mistakes(q, k, v, causal):
 
 
 def _penalty(allowed):
-    return T.asarray([float("-inf"), 0.0])[allowed.astype(int)]
+    return trusted.asarray([float("-inf"), 0.0])[allowed.astype(int)]
 
 
 def _heads_case(attention_heads, q, k, v, causal=False):
@@ -78,7 +78,7 @@ def _heads_case(attention_heads, q, k, v, causal=False):
     want, scale = dense.heads(q, k, v, causal)
     hints = [(q.shape[:-1] + (q.shape[-2],), "these are the attention weights (..., seq, seq): "
               "multiply them with v")]
-    expect_output(got, want, scale, T.float64, name, hints, _heads_mistakes(q, k, v, causal))
+    expect_output(got, want, scale, trusted.float64, name, hints, _heads_mistakes(q, k, v, causal))
 
 
 def _qkv(seed, shape, magnitude=1.0):
@@ -151,7 +151,7 @@ def _as_pairs(got, name, p):
     pairs = []
     for r, pair in enumerate(got):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
-                isinstance(v, (int, T.integer)) and not isinstance(v, bool) for v in pair):
+                isinstance(v, (int, trusted.integer)) and not isinstance(v, bool) for v in pair):
             fail(f"{name}: entry {r} is {pair!r}, expected a pair of ints (start, stop)")
         pairs.append((int(pair[0]), int(pair[1])))
     if len(pairs) != p:
@@ -222,7 +222,7 @@ def _qkv_rows(W, H, G, d, p, r):
 
 def _stack(blocks):
     rows = [row for block in blocks for row in block]
-    return T.asarray(rows).reshape(-1, blocks[0].shape[1])
+    return trusted.asarray(rows).reshape(-1, blocks[0].shape[1])
 
 
 def _same(got, want):
@@ -361,7 +361,7 @@ def _attention_mistakes(prob, H, G, p, causal, parts, shape):
     return found
 
 
-def _attention_case(attention_tp, prob, H, G, p, causal=False, dtype=T.float64):
+def _attention_case(attention_tp, prob, H, G, p, causal=False, dtype=trusted.float64):
     x, Wq, Wk, Wv, Wo, bo = (prob[k] for k in ("x", "Wq", "Wk", "Wv", "Wo", "bo"))
     name = _attention_name(x, H, G, p, causal, bo)
     got = call(attention_tp, name, (x, Wq, Wk, Wv, Wo, H, p), _attention_kwargs(H, G, causal, bo))
@@ -454,7 +454,7 @@ def attention_bias_after_reduce(attention_tp):
         name, calls, partials = _recorded(attention_tp, prob, 6, 6, p)
         reduce = last_call(calls, "all_reduce", name)
         want, scale = dense.add_up(partials, partials[0][0].shape)
-        if not is_close(reduced(reduce), want, scale, T.float64):
+        if not close(reduced(reduce), want, trusted.float64, scale):
             fail(f"{name}: the partials given to all_reduce do not add up to the attention "
                  f"output without bo: add bo once, after the all-reduce, never inside a "
                  f"partial (RowParallelLinear's bias)")
@@ -483,7 +483,7 @@ def attention_reduce_inputs(attention_tp):
         prob = _problem(800 + i, (2, 3, 8), H, G, 2)
         name, calls, partials = _recorded(attention_tp, prob, H, G, p)
         reduce = last_call(calls, "all_reduce", name)
-        expect_pieces(reduce, [y for y, _ in partials], [s for _, s in partials], T.float64,
+        expect_pieces(reduce, [y for y, _ in partials], [s for _, s in partials], trusted.float64,
                       name, "partial output (its heads' outputs times their columns of Wo)")
 
 
@@ -502,16 +502,16 @@ def attention_inputs_unmodified(attention_tp):
 @check
 def attention_dtype(attention_tp):
     for i, (G, p) in enumerate([(4, 1), (2, 2), (4, 4)]):
-        prob = _problem(820 + i, (2, 4, 8), 4, G, 2, dtype=T.float32)
-        got = _attention_case(attention_tp, prob, 4, G, p, dtype=T.float32)
-        with_dtype(got, T.float32, _attention_name(prob["x"], 4, G, p, False, None))
-        prob = _problem(825 + i, (2, 4, 8), 4, G, 2, bias=True, dtype=T.float32)
+        prob = _problem(820 + i, (2, 4, 8), 4, G, 2, dtype=trusted.float32)
+        got = _attention_case(attention_tp, prob, 4, G, p, dtype=trusted.float32)
+        with_dtype(got, trusted.float32, _attention_name(prob["x"], 4, G, p, False, None))
+        prob = _problem(825 + i, (2, 4, 8), 4, G, 2, bias=True, dtype=trusted.float32)
         x, Wq, Wk, Wv, Wo, bo = (prob[k] for k in ("x", "Wq", "Wk", "Wv", "Wo", "bo"))
         name = _attention_name(x, 4, G, p, True, bo)       # the mask and bo keep float32 too
         got = call(attention_tp, name, (x, Wq, Wk, Wv, Wo, 4, p), _attention_kwargs(4, G, True, bo))
-        with_dtype(got, T.float32, name)
+        with_dtype(got, trusted.float32, name)
     prob = _problem(829, (3, 8), 4, 4, 2)
-    with_dtype(_attention_case(attention_tp, prob, 4, 4, 2), T.float64,
+    with_dtype(_attention_case(attention_tp, prob, 4, 4, 2), trusted.float64,
                _attention_name(prob["x"], 4, 4, 2, False, None))
 
 
@@ -552,10 +552,6 @@ def _layer_params(seed, hidden, H, G, d, ffn):
             "b1": 0.1 * b1, "W2": W2 * ffn ** -0.5, "b2": 0.1 * b2}
 
 
-def _copied(params):
-    return {k: v.copy() if isinstance(v, T.ndarray) else v for k, v in params.items()}
-
-
 def _layer_kwargs(H, G, causal, activation):
     kwargs = {"num_kv_heads": G} if G != H else {}
     if causal:
@@ -576,9 +572,9 @@ def _layer_case(layer_tp, seed, x_shape, H, G, d, ffn, p, causal=False, activati
     params = _layer_params(seed, x_shape[-1], H, G, d, ffn)
     x, = arrays(seed + 2, x_shape)
     name = _layer_name(x, params, H, G, p, causal, activation)
-    got = call(layer_tp, name, (x, _copied(params), H, p), _layer_kwargs(H, G, causal, activation))
+    got = call(layer_tp, name, (x, snapshot(params), H, p), _layer_kwargs(H, G, causal, activation))
     ref = dense.Layer.of(x, params, H, G, causal, 1e-5, activation or relu)
-    expect_output(got, ref.y, ref.scale, T.float64, name, (),
+    expect_output(got, ref.y, ref.scale, trusted.float64, name, (),
                   _layer_mistakes(x, params, H, G, p, causal, activation, ref))
 
 
@@ -607,7 +603,7 @@ def layer_small(transformer_layer_tp):
 @check
 def layer_matches_dense(transformer_layer_tp):
     for i, (H, G, p, act) in enumerate([(4, 4, 1, None), (4, 4, 2, None), (8, 4, 4, None),
-                                        (4, 2, 2, T.tanh), (6, 3, 3, None)]):
+                                        (4, 2, 2, trusted.tanh), (6, 3, 3, None)]):
         _layer_case(transformer_layer_tp, 910 + 3 * i, (2, 5, 12), H, G, 12 // H, 24, p,
                     activation=act)
 
@@ -631,7 +627,7 @@ def _layer_recorded(layer_tp, seed, H, G, p, causal=False):
     x, = arrays(seed + 2, (2, 3, 8))
     name = _layer_name(x, params, H, G, p, causal, None)
     with record() as calls:
-        call(layer_tp, name, (x, _copied(params), H, p), _layer_kwargs(H, G, causal, None))
+        call(layer_tp, name, (x, snapshot(params), H, p), _layer_kwargs(H, G, causal, None))
     return name, calls, dense.Layer.of(x, params, H, G, causal, 1e-5, relu)
 
 
@@ -662,7 +658,7 @@ def layer_reduce_inputs(transformer_layer_tp):
         _expect_one_of(reduces[:-1] or reduces, [y for y, _ in attn], [s for _, s in attn],
                        name + " (attention's all_reduce)",
                        "attention partial of LN1(x), without bo or the residual x")
-        expect_pieces(reduces[-1], [y for y, _ in mlp], [s for _, s in mlp], T.float64,
+        expect_pieces(reduces[-1], [y for y, _ in mlp], [s for _, s in mlp], trusted.float64,
                       name + " (last all_reduce)", "MLP partial of LN2(h), without b2 or the "
                       "residual h")
 
@@ -673,7 +669,7 @@ def _expect_one_of(calls, expected, scales, name, what):
     first = None
     for candidate in calls:
         try:
-            expect_pieces(candidate, expected, scales, T.float64, name, what)
+            expect_pieces(candidate, expected, scales, trusted.float64, name, what)
             return
         except CheckFailed as error:
             first = first or error
@@ -685,12 +681,11 @@ def layer_inputs_unmodified(transformer_layer_tp):
     for i, p in enumerate((1, 2)):
         params = _layer_params(970 + i, 8, 4, 2, 2, 12)
         x, = arrays(975 + i, (2, 3, 8))
-        before, x_before = _copied(params), x.copy()
+        before, x_before = snapshot(params), x.copy()
         transformer_layer_tp(x, params, 4, p, num_kv_heads=2, causal=True)
         name = _layer_name(x, params, 4, 2, p, True, None)
         expect_unchanged(x_before, x, "x", name)
-        for key, value in before.items():
-            expect_unchanged(value, params[key], f"params[{key!r}]", name)
+        expect_unchanged(before, params, "params", name)
 
 
 @check

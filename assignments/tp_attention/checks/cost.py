@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from tpgrade._harness import check, make_read_only
 from tpgrade._layers import expect_bad_args
-from tpgrade.compare import expect_number, fail
+from tpgrade.verdict import expect_number, fail
 
 KEYS = ("allreduces", "bytes_per_rank", "flops_per_rank", "comm_seconds", "compute_seconds",
         "comm_to_compute")

@@ -22,7 +22,7 @@ import nbformat
 import pytest
 
 from tpcourse import REPO
-from assignments.tp_linear.examples import students as N
+from assignments.tp_linear.examples import students
 from tpcourse.submissions import Submission, build
 from tpgrader.classgrade import ClassGrader
 from tpgrader.classgrade.summary import table
@@ -49,7 +49,7 @@ OVERBUDGET = Submission("overbudget", A, {A: {
 
 def _tampered():
     """local_shard's wrong answer, one of the tests it fails deleted, another test changed."""
-    [(name, nb)] = build(N.LOCAL_SHARD).items()
+    [(name, nb)] = build(students.LOCAL_SHARD).items()
     nb.cells = [c for c in nb.cells if grade_id(c) != DELETED]
     changed = next(c for c in nb.cells if grade_id(c) == CHANGED)
     changed.source, meta(changed)["points"] = "pass  # my own test", 5
@@ -82,7 +82,7 @@ def _comments(course, student):
 # -- test cells deleted or changed -------------------------------------------------------------
 def test_a_deleted_test_is_judged_and_a_changed_one_restored_and_both_flagged(graded):
     course, outcomes = graded
-    assert _lost(course, "tampered") == set(N.LOCAL_SHARD.loses)      # DELETED among them
+    assert _lost(course, "tampered") == set(students.LOCAL_SHARD.loses)      # DELETED among them
     said = "\n".join(_comments(course, "tampered").values())
     assert f"{DELETED} was missing" in said and f"{CHANGED} was changed" in said
     assert outcomes["tampered"].changed_tests == sorted([DELETED, CHANGED])
@@ -99,7 +99,7 @@ def test_the_tables_failed_count_is_the_feedbacks(graded):
     score, top = (sum(g[i] for g in grades.values()) for i in (0, 1))
     assert row.split()[1:6] == ["graded", f"{score:g}", "/", f"{top:g}", str(lost)], row
     source = read(course.root / "source" / A / f"{A}.ipynb")
-    assert lost == len(N.LOCAL_SHARD.loses) and checks == sum(map(is_test, source.cells))
+    assert lost == len(students.LOCAL_SHARD.loses) and checks == sum(map(is_test, source.cells))
     assert "2 cells" in row and f"{DELETED}" in html      # put back: in the feedback too
 
 

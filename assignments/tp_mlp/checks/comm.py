@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tpgrade._harness import check, make_read_only
 from tpgrade._layers import expect_bad_args
-from tpgrade.compare import expect_number as _expect_number
+from tpgrade.verdict import expect_number as _expect_number
 
 
 @check

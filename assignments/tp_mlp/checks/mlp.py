@@ -2,14 +2,14 @@
 row-parallel W2, exactly one all-reduce."""
 from __future__ import annotations
 
-from tpgrade import _trusted as T
+from tpgrade import _trusted as trusted
 from tpgrade._harness import check, make_read_only
 from tpgrade._layers import (RANKS, call, describe, expect_bad_args, expect_counts,
                              expect_inputs_unchanged, expect_output, expect_pieces, last_call,
                              record, reduced, with_dtype)
 from tpgrade.cases import arrays, balanced, f64, relu
 from tpgrade.cases import mlp as _dense
-from tpgrade.compare import fail, is_close
+from tpgrade.verdict import close, fail
 
 
 def _abs(h):
@@ -27,7 +27,7 @@ def _kwargs(b1, b2, activation):
     return kwargs
 
 
-def _mlp_case(mlp_tp, x, W1, W2, p, b1=None, b2=None, activation=None, dtype=T.float64):
+def _mlp_case(mlp_tp, x, W1, W2, p, b1=None, b2=None, activation=None, dtype=trusted.float64):
     name = describe("mlp_tp", p, x=x, W1=W1, W2=W2, b1=b1, b2=b2)
     if activation is not None:
         name = name[:-1] + f", activation={getattr(activation, '__name__', 'custom')})"
@@ -101,7 +101,7 @@ def mlp_biases(mlp_tp):
             call(mlp_tp, name, (x, W1, W2, p), {"b1": b1, "b2": b2})
         reduce = last_call(calls, "all_reduce", name)
         want, scale, _ = _dense(x, W1, W2, b1, None)
-        if not is_close(reduced(reduce), want, scale, T.float64):
+        if not close(reduced(reduce), want, trusted.float64, scale):
             fail(f"{name}: the partial sums given to all_reduce do not add up to the MLP output "
                  f"without b2: add b2 once, after the all-reduce, never inside a partial")
 
@@ -109,7 +109,7 @@ def mlp_biases(mlp_tp):
 @check
 def mlp_activation(mlp_tp):
     """The activation passed in is applied to every rank's hidden shard."""
-    for i, (act, p) in enumerate([(T.tanh, 2), (_abs, 3), (T.tanh, 4)]):
+    for i, (act, p) in enumerate([(trusted.tanh, 2), (_abs, 3), (trusted.tanh, 4)]):
         x, W1, W2, b1 = arrays(350 + i, (5, 6), (12, 6), (6, 12), (12,))
         _mlp_case(mlp_tp, x, W1, W2, p, b1=b1, activation=act)
 
@@ -139,7 +139,7 @@ def mlp_reduce_inputs(mlp_tp):
         reduce = last_call(calls, "all_reduce", name)
         partials = [_dense(x, W1[a:z], W2[:, a:z], b1[a:z]) for a, z in balanced(hidden, p)]
         expect_pieces(reduce, [y for y, _, _ in partials], [s for _, s, _ in partials],
-                      T.float64, name, "partial output relu(x @ W1_r.T + b1_r) @ W2_r.T")
+                      trusted.float64, name, "partial output relu(x @ W1_r.T + b1_r) @ W2_r.T")
 
 
 @check
@@ -154,12 +154,12 @@ def mlp_inputs_unmodified(mlp_tp):
 @check
 def mlp_dtype(mlp_tp):
     for i, p in enumerate((1, 2, 4)):
-        x, W1, W2 = arrays(390 + i, (5, 6), (24, 6), (6, 24), dtype=T.float32)
-        got = _mlp_case(mlp_tp, x, W1, W2, p, dtype=T.float32)
-        with_dtype(got, T.float32, describe("mlp_tp", p, x=x, W1=W1, W2=W2))
-        x, W1, W2, b1, b2 = arrays(395 + i, (5, 6), (24, 6), (6, 24), (24,), (6,), dtype=T.float32)
+        x, W1, W2 = arrays(390 + i, (5, 6), (24, 6), (6, 24), dtype=trusted.float32)
+        got = _mlp_case(mlp_tp, x, W1, W2, p, dtype=trusted.float32)
+        with_dtype(got, trusted.float32, describe("mlp_tp", p, x=x, W1=W1, W2=W2))
+        x, W1, W2, b1, b2 = arrays(395 + i, (5, 6), (24, 6), (6, 24), (24,), (6,), dtype=trusted.float32)
         got = call(mlp_tp, "mlp_tp", (x, W1, W2, p), {"b1": b1, "b2": b2})
-        with_dtype(got, T.float32, describe("mlp_tp", p, x=x, W1=W1, W2=W2, b1=b1, b2=b2))
+        with_dtype(got, trusted.float32, describe("mlp_tp", p, x=x, W1=W1, W2=W2, b1=b1, b2=b2))
 
 
 @check

@@ -5,7 +5,7 @@ import pytest
 import assignments
 from assignments.tp_mlp.checks import comm, mlp as mlp_checks
 from tpgrade import offline
-from tpgrade.compare import CheckFailed
+from tpgrade.verdict import CheckFailed
 from tpjudge.cells import read
 
 

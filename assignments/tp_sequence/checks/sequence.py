@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 
-from tpgrade import _trusted as T
+from tpgrade import _trusted as trusted
 from tpgrade._harness import check, make_read_only
 from tpgrade._layers import (RANKS, call_raw, expect_bad_args, expect_counts,
                              expect_inputs_unchanged, expect_output, expect_pieces, last_call,
                              pieces_match, record, with_dtype)
 from tpgrade.cases import arrays, balanced, f64, mlp, relu
-from tpgrade.compare import expect_array, fail, is_close
+from tpgrade.verdict import close, expect_array, fail
 
 EPS = 1e-5
 
@@ -112,7 +112,7 @@ def _run(layer_sp, x, p, weights, activation=None):
 def _expect_shard_list(got, x, p, name):
     if not isinstance(got, (list, tuple)):
         hint = ""
-        if isinstance(got, T.ndarray) and got.shape == x.shape:
+        if isinstance(got, trusted.ndarray) and got.shape == x.shape:
             hint = (": the whole of y on one rank? With SP the output stays sharded: return the "
                     "reduce_scatter's pieces, each plus its residual")
         fail(f"{name} returned {type(got).__name__}, expected a list with one array per rank "
@@ -124,7 +124,7 @@ def _expect_shard_list(got, x, p, name):
     return list(got)
 
 
-def _sp_case(layer_sp, x, p, weights, activation=None, dtype=T.float64):
+def _sp_case(layer_sp, x, p, weights, activation=None, dtype=trusted.float64):
     got, calls, name = _run(layer_sp, x, p, weights, activation)
     act = activation or relu
     want, scale, _ = _dense(x, activation=act, **weights)
@@ -193,19 +193,19 @@ def sp_biases_and_activation(layer_sp):
     activation passed in applied to each rank's hidden units."""
     for i, p in enumerate(RANKS):
         x, weights = _block(540 + i, 9, p, ffn=12, biases=True)
-        _sp_case(layer_sp, x, p, weights, activation=T.tanh if i % 2 else None)
+        _sp_case(layer_sp, x, p, weights, activation=trusted.tanh if i % 2 else None)
     for i, p in enumerate((2, 3)):
         x, weights = _block(548 + i, 6, p, ffn=12, biases=True)
         _, calls, name = _run(layer_sp, x, p, weights)
         combining = [c for c in calls if c.op in ("reduce_scatter", "all_reduce")]
         if not combining:        # never combined: sp_one_gather_one_reduce_scatter says so
             continue
-        total = combining[-1].inputs[0].astype(T.float64)
+        total = combining[-1].inputs[0].astype(trusted.float64)
         for piece in combining[-1].inputs[1:]:
             total = total + piece
         u, u_scale = _layer_norm(x, weights["ln_weight"], weights["ln_bias"])
         want, scale, _ = mlp(u, weights["W1"], weights["W2"], weights["b1"], x_scale=u_scale)
-        if total.shape != want.shape or not is_close(total, want, scale, T.float64):
+        if total.shape != want.shape or not close(total, want, trusted.float64, scale):
             fail(f"{name}: the partial sums given to {combining[-1].op} do not add up to the MLP "
                  f"output without b2: add b2 after the reduce_scatter (each rank to its own "
                  f"tokens), never inside a partial, where it is counted once per rank")
@@ -220,13 +220,13 @@ def sp_layernorm_on_shard(layer_sp):
         gather = last_call(calls, "all_gather", name)
         shards = _shards(x, p)
         normed = [_layer_norm(x_r, weights["ln_weight"], weights["ln_bias"]) for x_r in shards]
-        if pieces_match(gather, shards, [abs(x_r) for x_r in shards], T.float64):
+        if pieces_match(gather, shards, [abs(x_r) for x_r in shards], trusted.float64):
             fail(f"{name}: the all_gather carries the raw tokens x_r: apply layer_norm on the "
                  f"rank's own shard, before the gather (it normalizes each token on its own, so "
                  f"each rank does s_r tokens' work; normalizing the gathered (s, ..., h) "
                  f"tensor repeats it on every rank and keeps the replicated activation that "
                  f"SP is there to remove)")
-        expect_pieces(gather, [u for u, _ in normed], [sc for _, sc in normed], T.float64, name,
+        expect_pieces(gather, [u for u, _ in normed], [sc for _, sc in normed], trusted.float64, name,
                       "normalized tokens layer_norm(x_r) (s_r, ..., h)")
 
 
@@ -261,7 +261,7 @@ def sp_reduce_scatter_inputs(layer_sp):
         partials = [mlp(u, weights["W1"][a:z], weights["W2"][:, a:z], x_scale=u_scale)
                     for a, z in balanced(ffn, p)]
         expect_pieces(scatter, [y for y, _, _ in partials], [sc for _, sc, _ in partials],
-                      T.float64, name, "partial sum activation(u @ W1_r.T) @ W2_r.T over all "
+                      trusted.float64, name, "partial sum activation(u @ W1_r.T) @ W2_r.T over all "
                       "s tokens (s, ..., h)")
 
 
@@ -306,13 +306,13 @@ def sp_inputs_unmodified(layer_sp):
 @check
 def sp_dtype(layer_sp):
     for i, p in enumerate((1, 2, 4)):
-        x, weights = _block(595 + i, 9, p, dtype=T.float32)
-        got, _, name = _sp_case(layer_sp, x, p, weights, dtype=T.float32)
-        x, weights = _block(598 + i, 9, p, biases=True, dtype=T.float32)
+        x, weights = _block(595 + i, 9, p, dtype=trusted.float32)
+        got, _, name = _sp_case(layer_sp, x, p, weights, dtype=trusted.float32)
+        x, weights = _block(598 + i, 9, p, biases=True, dtype=trusted.float32)
         got_biased, _, biased_name = _run(layer_sp, x, p, weights)
         for r, (piece, biased) in enumerate(zip(got, got_biased)):
-            with_dtype(piece, T.float32, f"{name}: rank {r}'s shard")
-            with_dtype(biased, T.float32, f"{biased_name}: rank {r}'s shard")
+            with_dtype(piece, trusted.float32, f"{name}: rank {r}'s shard")
+            with_dtype(biased, trusted.float32, f"{biased_name}: rank {r}'s shard")
 
 
 @check

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import numpy as _np
 
-from tpgrade import _trusted as T
+from tpgrade import _trusted as trusted
 from tpgrade._harness import check, make_read_only
 from tpgrade._layers import (RANKS, call, expect_bad_args, expect_counts, expect_inputs_unchanged,
                              expect_output, expect_pieces, last_call, pieces_match, record,
                              with_dtype)
 from tpgrade.cases import arrays, balanced, f64
-from tpgrade.compare import fail
+from tpgrade.verdict import fail
 
 # Captured at import like tpgrade._trusted (tpgrade imports this module in the notebook's
 # read-only setup cell, before any student code runs); _trusted has no log.
@@ -29,12 +29,12 @@ _log = _np.log
 
 
 def _ids(seed, shape, vocab):
-    return T.default_rng(seed).integers(0, vocab, size=shape)
+    return trusted.default_rng(seed).integers(0, vocab, size=shape)
 
 
 def _owned(ids, start, stop):
     """Which positions hold a token of the rows [start, stop), as 0/1 floats."""
-    return ((ids >= start) & (ids < stop)).astype(T.float64)
+    return ((ids >= start) & (ids < stop)).astype(trusted.float64)
 
 
 # --------------------------------------------------------------------------- embedding
@@ -54,7 +54,7 @@ def _lookup(embed, ids, table, p):
              f"start_r, start_r + 1, ... at local rows 0, 1, ...: look up id - start_r")
 
 
-def _embedding_case(embed, ids, table, p, dtype=T.float64):
+def _embedding_case(embed, ids, table, p, dtype=trusted.float64):
     got, name = _lookup(embed, ids, table, p)
     rows = f64(table)[ids]
     unmasked = 0.0
@@ -75,7 +75,7 @@ def _embedding_case(embed, ids, table, p, dtype=T.float64):
 def embedding_small(vocab_parallel_embedding):
     """2 ranks, table (6, 3): rank 0 holds rows 0-2, rank 1 rows 3-5; token_ids (4,)."""
     (table,) = arrays(701, (6, 3))
-    _embedding_case(vocab_parallel_embedding, T.asarray([5, 0, 3, 2]), table, 2)
+    _embedding_case(vocab_parallel_embedding, trusted.asarray([5, 0, 3, 2]), table, 2)
 
 
 @check
@@ -93,7 +93,7 @@ def embedding_uneven_vocab(vocab_parallel_embedding):
     for i, (vocab, p) in enumerate([(7, 2), (7, 4), (10, 3), (3, 8), (5, 8)]):
         (table,) = arrays(720 + i, (vocab, 4))
         ids = _ids(720 + i, (12,), vocab)
-        ids[:vocab] = T.arange(vocab)                    # every row is looked up
+        ids[:vocab] = trusted.arange(vocab)                    # every row is looked up
         _embedding_case(vocab_parallel_embedding, ids, table, p)
 
 
@@ -133,7 +133,7 @@ def embedding_masked_inputs(vocab_parallel_embedding):
                          f"it does not own (ids outside [{a}, {z})): zero them before the "
                          f"all-reduce (Megatron: output_parallel[input_mask, :] = 0.0), or the "
                          f"sum adds a wrong row for every such token")
-        expect_pieces(reduce, expected, [abs(e) for e in expected], T.float64, name,
+        expect_pieces(reduce, expected, [abs(e) for e in expected], trusted.float64, name,
                       "masked lookup: table[ids] for the ids it owns, zeros elsewhere")
 
 
@@ -150,21 +150,21 @@ def embedding_inputs_unmodified(vocab_parallel_embedding):
 @check
 def embedding_dtype(vocab_parallel_embedding):
     for i, p in enumerate((1, 2, 4)):
-        (table,) = arrays(760 + i, (11, 6), dtype=T.float32)
+        (table,) = arrays(760 + i, (11, 6), dtype=trusted.float32)
         got, name = _embedding_case(vocab_parallel_embedding, _ids(760 + i, (4, 3), 11), table,
-                                    p, dtype=T.float32)
-        with_dtype(got, T.float32, name)
+                                    p, dtype=trusted.float32)
+        with_dtype(got, trusted.float32, name)
 
 
 @check
 def embedding_bad_args(vocab_parallel_embedding):
     (table,) = arrays(770, (6, 3))
-    ids = T.asarray([0, 5, 2])
+    ids = trusted.asarray([0, 5, 2])
     expect_bad_args(vocab_parallel_embedding, "vocab_parallel_embedding", [
-        (" with token id 6 for a vocabulary of 6", (T.asarray([0, 6, 2]), table, 2), {}),
-        (" with token id -1", (T.asarray([0, -1, 2]), table, 2), {}),
-        (" with token id 100 and one rank", (T.asarray([[100]]), table, 1), {}),
-        (" with float token ids", (T.asarray([0.0, 1.0]), table, 2), {}),
+        (" with token id 6 for a vocabulary of 6", (trusted.asarray([0, 6, 2]), table, 2), {}),
+        (" with token id -1", (trusted.asarray([0, -1, 2]), table, 2), {}),
+        (" with token id 100 and one rank", (trusted.asarray([[100]]), table, 1), {}),
+        (" with float token ids", (trusted.asarray([0.0, 1.0]), table, 2), {}),
         (" with a 1-D table", (ids, table[:, 0], 2), {}),
         (" with num_ranks=0", (ids, table, 0), {}), (" with num_ranks=2.5", (ids, table, 2.5), {}),
         (" with num_ranks='2'", (ids, table, "2"), {}),
@@ -177,14 +177,14 @@ def embedding_bad_args(vocab_parallel_embedding):
 def _pick(z, target):
     """z[..., target] for every position (the target's logit)."""
     flat = z.reshape(-1, z.shape[-1])
-    return flat[T.arange(flat.shape[0]), target.reshape(-1)].reshape(target.shape)
+    return flat[trusted.arange(flat.shape[0]), target.reshape(-1)].reshape(target.shape)
 
 
 def _dense_ce(logits, target):
     """Per-token loss in float64 (stable: the max subtracted), its error scale, and the max."""
     z = f64(logits)
     m = z.max(axis=-1)
-    log_sum = _log(T.exp(z - m[..., None]).sum(axis=-1))
+    log_sum = _log(trusted.exp(z - m[..., None]).sum(axis=-1))
     z_t = _pick(z, target)
     return m + log_sum - z_t, abs(m) + log_sum + abs(z_t), m
 
@@ -205,7 +205,7 @@ def _ce_name(z, target, p):
             f"vocabulary {sizes}, target {target.shape})")
 
 
-def _ce_case(ce, z, target, p, dtype=T.float64):
+def _ce_case(ce, z, target, p, dtype=trusted.float64):
     name = _ce_name(z, target, p)
     got = call(ce, name, (_split(z, p), target))
     want, scale, _ = _dense_ce(z, target)
@@ -251,7 +251,7 @@ def ce_uneven_vocab(vocab_parallel_cross_entropy):
     """V not divisible by p (offsets from the shards' widths), and ranks with no vocabulary."""
     for i, (vocab, p) in enumerate([(7, 2), (7, 4), (10, 3), (11, 4), (3, 4), (5, 8)]):
         z, target = _logits(820 + i, (4, 3), vocab)
-        target.reshape(-1)[:vocab] = T.arange(vocab)      # every position of the vocabulary
+        target.reshape(-1)[:vocab] = trusted.arange(vocab)      # every position of the vocabulary
         _ce_case(vocab_parallel_cross_entropy, z, target, p)
 
 
@@ -317,11 +317,11 @@ def ce_reduce_inputs(vocab_parallel_cross_entropy):
         if not maxes:
             fail(f"{name} made no all_reduce with op=\"max\": the largest logit of all ranks "
                  f"comes from all_reduce(each rank's max, op=\"max\")")
-        expect_pieces(maxes[-1], maxima, [abs(v) for v in maxima], T.float64, name,
+        expect_pieces(maxes[-1], maxima, [abs(v) for v in maxima], trusted.float64, name,
                       "largest logit per token (..., ) of its own vocabulary slice")
         sums = [c for c in calls if c.op == "all_reduce" and c.reduce_op == "sum"]
-        exp_sums = [T.exp(z_r - m[..., None]).sum(axis=-1) for z_r in shards]
-        if not any(pieces_match(c, exp_sums, exp_sums, T.float64) for c in sums):
+        exp_sums = [trusted.exp(z_r - m[..., None]).sum(axis=-1) for z_r in shards]
+        if not any(pieces_match(c, exp_sums, exp_sums, trusted.float64) for c in sums):
             fail(f"{name}: no all_reduce (sum) carried each rank's sum of exp(z_r - m), with m "
                  f"the max of ALL ranks (a rank's own max gives sums that do not add up)")
         z_t = _pick(f64(z), target)
@@ -329,7 +329,7 @@ def ce_reduce_inputs(vocab_parallel_cross_entropy):
         picked = [z_t * o for o in owned]
         shifted = [(z_t - m) * o for o in owned]
         scales = [(abs(z_t) + abs(m)) for _ in owned]
-        if not any(pieces_match(c, picked, scales, T.float64, alternatives=shifted)
+        if not any(pieces_match(c, picked, scales, trusted.float64, alternatives=shifted)
                    for c in sums):
             fail(f"{name}: no all_reduce (sum) carried the target logits: the rank that owns "
                  f"target t (start_r <= t < stop_r) contributes z_r[t - start_r] (or that minus "
@@ -347,9 +347,9 @@ def ce_inputs_unmodified(vocab_parallel_cross_entropy):
 @check
 def ce_dtype(vocab_parallel_cross_entropy):
     for i, p in enumerate((1, 2, 4)):
-        z, target = _logits(880 + i, (3, 4), 12, dtype=T.float32)
-        got, name = _ce_case(vocab_parallel_cross_entropy, z, target, p, dtype=T.float32)
-        with_dtype(got, T.float32, name)
+        z, target = _logits(880 + i, (3, 4), 12, dtype=trusted.float32)
+        got, name = _ce_case(vocab_parallel_cross_entropy, z, target, p, dtype=trusted.float32)
+        with_dtype(got, trusted.float32, name)
 
 
 @check
@@ -357,9 +357,9 @@ def ce_bad_args(vocab_parallel_cross_entropy):
     z, target = _logits(890, (3,), 6)
     shards = _split(z, 2)
     expect_bad_args(vocab_parallel_cross_entropy, "vocab_parallel_cross_entropy", [
-        (" with target 6 for a vocabulary of 6", (shards, T.asarray([0, 6, 1])), {}),
-        (" with target -1", (shards, T.asarray([0, -1, 1])), {}),
-        (" with float targets", (shards, target.astype(T.float64)), {}),
+        (" with target 6 for a vocabulary of 6", (shards, trusted.asarray([0, 6, 1])), {}),
+        (" with target -1", (shards, trusted.asarray([0, -1, 1])), {}),
+        (" with float targets", (shards, target.astype(trusted.float64)), {}),
         (" with target (2,) for logits (3, 6)", (shards, target[:2]), {}),
         (" with shards of different leading shapes", ([shards[0], shards[1][:2]], target), {}),
         (" with an empty list of shards", ([], target), {}),

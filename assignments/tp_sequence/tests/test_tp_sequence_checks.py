@@ -17,7 +17,7 @@ import tpsim
 from assignments.tp_sequence import examples as catalogue
 from assignments.tp_sequence.checks import sequence, vocab
 from tpgrade import offline
-from tpgrade.compare import CheckFailed
+from tpgrade.verdict import CheckFailed
 from tpjudge.cells import read
 
 

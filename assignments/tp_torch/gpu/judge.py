@@ -9,7 +9,8 @@ from gpu_runner import records
 from gpu_runner.data import shard
 from gpu_runner.judge import (NOT_CONNECTED, counts, first, float64_verdicts, raised,
                               shape_pattern)
-from tpgrade import tensors as V
+from tpgrade import tensors
+from tpgrade.verdict import mismatch
 from tpgrade.cases import balanced
 
 from . import data
@@ -44,10 +45,10 @@ def _shards_verdict(view, rank, case, key, bias_shape, rows=None):
     names = "rows" if case.axis == 0 else "columns"
     master, mine, bounds = _shard_of(case, rank, view.size, rows)
     weight = view.tensor(rank, key, "weight")
-    text = V.mismatch(weight, mine, f".weight (this rank's {names} of master_weight)",
+    text = mismatch(weight, mine, f".weight (this rank's {names} of master_weight)",
                       shapes=[(master.shape, f"the whole master_weight: keep this rank's "
                                              f"{names} only")],
-                      suspects=V.other_shards(master, bounds, rank, case.axis, names))
+                      suspects=tensors.other_shards(master, bounds, rank, case.axis, names))
     if text:
         return text
     bias_rec = view.obs(rank, key).get("bias")
@@ -56,7 +57,7 @@ def _shards_verdict(view, rank, case, key, bias_shape, rows=None):
         return ".bias is not an nn.Parameter"
     if bias.shape != bias_shape:
         return f".bias has shape {bias.shape}, expected {bias_shape}"
-    return V.zero_init(bias, ".bias")
+    return tensors.zero_init(bias, ".bias")
 
 
 def _default_verdict(view, rank, weight_shape, bias_shape):
@@ -97,8 +98,8 @@ def shards(view, kind):
 # -- the linear layers --------------------------------------------------------------------------
 def _linear(view, kind):
     case = data.column(view.seed) if kind == "column" else data.row(view.seed)
-    dx, dw, db = V.linear_grads(case.x, case.w, case.g)
-    return case, V.linear(case.x, case.w, case.b), dx, dw, db
+    dx, dw, db = tensors.linear_grads(case.x, case.w, case.g)
+    return case, tensors.linear(case.x, case.w, case.b), dx, dw, db
 
 
 def _bounds(view, case, rank):
@@ -110,20 +111,20 @@ def column_forward(view):
 
     def forward(rank):
         lo, hi = _bounds(view, case, rank)
-        return V.mismatch(view.tensor(rank, "y"), dense, "the output (gather_output=True)",
-                          shapes=[V.local_shard((data.BATCH, hi - lo))],
-                          suspects=[(V.linear(case.x, case.master(rank, view.size), case.b),
-                                     V.DENSE_ON_RANK)])
+        return mismatch(view.tensor(rank, "y"), dense, "the output (gather_output=True)",
+                          shapes=[tensors.local_shard((data.BATCH, hi - lo))],
+                          suspects=[(tensors.linear(case.x, case.master(rank, view.size), case.b),
+                                     tensors.DENSE_ON_RANK)])
     view.each("column.forward", forward)
 
     def forward_nd(rank):
         width = _bounds(view, case, rank)[1] - _bounds(view, case, rank)[0]
         return first(
-            V.mismatch(view.tensor(rank, "y1"), V.linear(case.x[0], case.w, case.b),
-                       "the output for a 1-D input", shapes=[V.local_shard((width,))]),
-            V.mismatch(view.tensor(rank, "y3"), V.linear(case.x3, case.w, case.b),
+            mismatch(view.tensor(rank, "y1"), tensors.linear(case.x[0], case.w, case.b),
+                       "the output for a 1-D input", shapes=[tensors.local_shard((width,))]),
+            mismatch(view.tensor(rank, "y3"), tensors.linear(case.x3, case.w, case.b),
                        "the output for a 3-D input",
-                       shapes=[V.local_shard((*case.x3.shape[:-1], width))]))
+                       shapes=[tensors.local_shard((*case.x3.shape[:-1], width))]))
     view.each("column.forward_nd", forward_nd)
     counts(view, "counts.column_gather", "counts", {"allgather": 1})
 
@@ -131,7 +132,7 @@ def column_forward(view):
 def _own_term(view, case, rank):
     """This rank's term of dL/dx in a column layer: g's columns of its shard @ its rows of W."""
     lo, hi = _bounds(view, case, rank)
-    return V.own_term_only(case.g[:, lo:hi].astype("float64") @ case.w[lo:hi])
+    return tensors.own_term_only(case.g[:, lo:hi].astype("float64") @ case.w[lo:hi])
 
 
 def column_backward(view):
@@ -139,23 +140,23 @@ def column_backward(view):
 
     def rows(rank):
         return slice(*_bounds(view, case, rank))
-    view.each("column.grad_weight", lambda r: V.mismatch(
+    view.each("column.grad_weight", lambda r: mismatch(
         view.tensor(r, "gw"), dw[rows(r)], ".weight.grad (this rank's rows of the dense weight "
         "gradient)", missing=NOT_CONNECTED))
-    view.each("column.grad_bias", lambda r: V.mismatch(
+    view.each("column.grad_bias", lambda r: mismatch(
         view.tensor(r, "gb"), db[rows(r)], ".bias.grad (this rank's slice of the dense bias "
         "gradient)", missing=NOT_CONNECTED))
-    view.each("column.grad_input", lambda r: V.mismatch(
+    view.each("column.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), dx, "dL/dx", missing=NOT_CONNECTED,
         suspects=[_own_term(view, case, r)]))
 
 
 def column_local(view):
     case, dense, dx, _, _ = _linear(view, "column")
-    view.each("column.forward_local", lambda r: V.mismatch(
+    view.each("column.forward_local", lambda r: mismatch(
         view.tensor(r, "y"), dense[:, slice(*_bounds(view, case, r))],
         "the output with gather_output=False (this rank's columns of the dense output)"))
-    view.each("column.grad_input_local", lambda r: V.mismatch(
+    view.each("column.grad_input_local", lambda r: mismatch(
         view.tensor(r, "gx"), dx, "dL/dx with gather_output=False", missing=NOT_CONNECTED,
         suspects=[_own_term(view, case, r)]))
     counts(view, "counts.column_forward", "counts.forward", {})
@@ -164,9 +165,9 @@ def column_local(view):
 
 def row_forward(view):
     case, dense, *_ = _linear(view, "row")
-    view.each("row.forward", lambda r: V.mismatch(
+    view.each("row.forward", lambda r: mismatch(
         view.tensor(r, "y"), dense, "the output (input_is_parallel=True)",
-        suspects=[V.bias_every_rank(dense, case.b, view.size)]))
+        suspects=[tensors.bias_every_rank(dense, case.b, view.size)]))
     counts(view, "counts.row_forward", "counts", {"allreduce": 1})
 
 
@@ -175,13 +176,13 @@ def row_backward(view):
 
     def cols(rank):
         return slice(*_bounds(view, case, rank))
-    rank0_only = V.bias_grad_rank0_only(db)
-    view.each("row.grad_weight", lambda r: V.mismatch(
+    rank0_only = tensors.bias_grad_rank0_only(db)
+    view.each("row.grad_weight", lambda r: mismatch(
         view.tensor(r, "gw"), dw[:, cols(r)], ".weight.grad (this rank's columns of the dense "
         "weight gradient)", missing=NOT_CONNECTED))
-    view.each("row.grad_bias", lambda r: V.mismatch(
+    view.each("row.grad_bias", lambda r: mismatch(
         view.tensor(r, "gb"), db, ".bias.grad", missing=rank0_only[1], suspects=[rank0_only]))
-    view.each("row.grad_input", lambda r: V.mismatch(
+    view.each("row.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), dx[:, cols(r)], "dL/dx of this rank's input slice",
         missing=NOT_CONNECTED))
     counts(view, "counts.row_backward", "counts", {})
@@ -189,10 +190,10 @@ def row_backward(view):
 
 def row_full(view):
     case, dense, dx, _, _ = _linear(view, "row")
-    view.each("row.forward_full", lambda r: V.mismatch(
+    view.each("row.forward_full", lambda r: mismatch(
         view.tensor(r, "y"), dense, "the output with input_is_parallel=False",
-        suspects=[V.bias_every_rank(dense, case.b, view.size)]))
-    view.each("row.grad_input_full", lambda r: V.mismatch(
+        suspects=[tensors.bias_every_rank(dense, case.b, view.size)]))
+    view.each("row.grad_input_full", lambda r: mismatch(
         view.tensor(r, "gx"), dx, "dL/dx of the full input (input_is_parallel=False)",
         missing=NOT_CONNECTED))
 
@@ -200,14 +201,14 @@ def row_full(view):
 # -- MLP ----------------------------------------------------------------------------------------
 def _mlp(view):
     case = data.mlp(view.seed)
-    return case, V.dense_mlp(case.x, case.fc1.w, case.fc1.b, case.fc2.w, case.fc2.b, case.g)
+    return case, tensors.dense_mlp(case.x, case.fc1.w, case.fc1.b, case.fc2.w, case.fc2.b, case.g)
 
 
 def mlp_forward(view):
     case, dense = _mlp(view)
-    view.each("mlp.forward", lambda r: V.mismatch(
+    view.each("mlp.forward", lambda r: mismatch(
         view.tensor(r, "y"), dense["y"], "the MLP's output",
-        suspects=[V.bias_every_rank(dense["y"], case.fc2.b, view.size)]))
+        suspects=[tensors.bias_every_rank(dense["y"], case.fc2.b, view.size)]))
     counts(view, "counts.mlp_forward", "counts", {"allreduce": 1})
 
 
@@ -218,7 +219,7 @@ def mlp_backward(view):
         return slice(*shard(data.MLP_DIMS[1], rank, view.size))
 
     def grad(rank, key, want, what):
-        return V.mismatch(view.tensor(rank, "grads", key), want, what, missing=NOT_CONNECTED)
+        return mismatch(view.tensor(rank, "grads", key), want, what, missing=NOT_CONNECTED)
     view.each("mlp.grad_weights", lambda r: first(
         grad(r, "w1", dense["dw1"][part(r)], "fc1's weight gradient (its rows of the dense one)"),
         grad(r, "w2", dense["dw2"][:, part(r)],
@@ -226,9 +227,9 @@ def mlp_backward(view):
     view.each("mlp.grad_biases", lambda r: first(
         grad(r, "b1", dense["db1"][part(r)], "fc1's bias gradient (its slice of the dense one)"),
         grad(r, "b2", dense["db2"], "fc2's bias gradient")))
-    view.each("mlp.grad_input", lambda r: V.mismatch(
+    view.each("mlp.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), dense["dx"], "dL/dx of the MLP", missing=NOT_CONNECTED,
-        suspects=[V.own_term_only(dense["dh"][:, part(r)] @ case.fc1.w[part(r)],
+        suspects=[tensors.own_term_only(dense["dh"][:, part(r)] @ case.fc1.w[part(r)],
                                   "fc1's input must go through copy_to_tp_region (f)")]))
     counts(view, "counts.mlp_backward", "counts", {"allreduce": 1})
 

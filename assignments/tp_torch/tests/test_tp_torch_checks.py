@@ -27,7 +27,7 @@ import tpsim.ranks  # noqa: E402
 from assignments.tp_torch import checks as check  # noqa: E402  (captures torch first)
 from tpcourse.submissions import grade_id, read, reference_answers  # noqa: E402
 from tpgrade import offline  # noqa: E402
-from tpgrade.compare import CheckFailed  # noqa: E402
+from tpgrade.verdict import CheckFailed  # noqa: E402
 
 SOURCE = assignments.get("tp_torch").notebook
 SOLUTIONS = ("sol_mappings", "sol_column_layer", "sol_row_layer", "sol_parallel_mlp")
@@ -168,11 +168,11 @@ def test_reference_passes_every_check_and_the_release_none():
 
 # -- mistakes are named ---------------------------------------------------------------------------
 @pytest.mark.parametrize("edit, check_name, phrase", [
-    (LOCAL_SHARD, "column_forward", r"expected \(5, 6\).*only the local shard returned"),
+    (LOCAL_SHARD, "column_forward", r"expected shape \(5, 6\).*only the local shard returned"),
     (NO_F, "column_backward", "must go through copy_to_tp_region"),
     (BIAS_ONES, "column_shards", "must start at zero"),
     (BIAS_EVERY_RANK, "row_forward", "bias added on every rank before the all-reduce"),
-    (RELU, "mlp_forward", r"ParallelMLP.s output.*differs from the dense result"),
+    (RELU, "mlp_forward", r"ParallelMLP.s output.*values differ from the dense result"),
     (NO_F, "mlp_backward", "fc1's input must go through copy_to_tp_region"),
 ], ids=["local_shard", "no_f", "bias_ones", "bias_every_rank", "relu", "no_f_mlp"])
 def test_mistakes_are_named(edit, check_name, phrase):

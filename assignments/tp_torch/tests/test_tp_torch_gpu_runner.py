@@ -229,10 +229,10 @@ def _obs_tensor(values):
 def test_the_judge_names_the_mistake_with_world_size_and_rank():
     """Reports shaped like two classic mistakes, judged against the grader's own reference."""
     from gpu_runner.judge import judge
-    from tpgrade import tensors as V
+    from tpgrade import tensors
     u = Unit.parse("row.forward@3", A)
     case = data.row(seed_of(u))
-    dense = V.linear(case.x, case.w, case.b)
+    dense = tensors.linear(case.x, case.w, case.b)
     verdicts = judge(u, _ends(u, {r: {"y": _obs_tensor(dense + 2 * case.b),
                                       "counts": {"allreduce": 1}} for r in range(3)}))
     ok, detail = verdicts["row.forward"]
@@ -241,7 +241,7 @@ def test_the_judge_names_the_mistake_with_world_size_and_rank():
     assert verdicts["counts.row_forward"] == (True, "")
     u = Unit.parse("row.backward@2", A)
     case = data.row(seed_of(u))
-    dx, dw, db = V.linear_grads(case.x, case.w, case.g)
+    dx, dw, db = tensors.linear_grads(case.x, case.w, case.g)
 
     def obs(r):
         lo, hi = shard(7, r, 2)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from assignments.tp_torch_attention.gpu import data as D  # noqa: E402
+from assignments.tp_torch_attention.gpu import data  # noqa: E402
 
 
 def _trial():
@@ -32,9 +32,9 @@ def _trial():
     import torch.distributed as dist
 
     from assignments.tp_torch_attention.gpu.overhead import measure
-    args = D.MEASURE["cpu"]
+    args = data.MEASURE["cpu"]
     runs = [measure(group=None, device=torch.device("cpu"), **args)
-            for _ in range(2 * D.AGREE_RUNS + 1)]
+            for _ in range(2 * data.AGREE_RUNS + 1)]
     grader, student = runs[0::2], runs[1::2]
     worst = [1.0, 1.0, 1.0]           # best pair (the check's), median vs all, one vs one
     for n in args["sizes"]:
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                               "one run against one run")):
         ratios = [r[k] for r in results]
         print(f"{name:34s} worst {max(ratios):.2f}, median {statistics.median(ratios):.2f}"
-              + (f" (allowed {D.AGREE_FACTOR:g})" if k == 0 else ""))
+              + (f" (allowed {data.AGREE_FACTOR:g})" if k == 0 else ""))
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from assignments.tp_torch_attention import dense as AB
+from assignments.tp_torch_attention import dense as attention_dense
 
 SHAPE = (2, 5, 12)           # batch, seq, hidden
 HEADS, FFN = 6, 10
@@ -34,26 +34,26 @@ class Case:
     seed: int
 
     def masters(self, rank, size):
-        return AB.master_weights(self.P, rank, size, self.heads, self.kv, self.seed)
+        return attention_dense.master_weights(self.P, rank, size, self.heads, self.kv, self.seed)
 
     def attention(self, upstream=False):
         P = self.P
-        return AB.attention(self.x, P["wq"], P["wk"], P["wv"], P["wo"], self.heads, self.kv,
+        return attention_dense.attention(self.x, P["wq"], P["wk"], P["wv"], P["wo"], self.heads, self.kv,
                             self.causal, P["bo"], self.g if upstream else None)
 
     def layer(self, upstream=False):
-        return AB.layer(self.x, self.P, self.heads, self.kv, self.causal, 1e-5,
+        return attention_dense.layer(self.x, self.P, self.heads, self.kv, self.causal, 1e-5,
                         self.g if upstream else None)
 
 
 def attention_cases(seed, step) -> list[Case]:
-    return [Case(HEADS, kv, causal, *AB.weights(seed + i, SHAPE, HEADS, kv), seed + i)
+    return [Case(HEADS, kv, causal, *attention_dense.weights(seed + i, SHAPE, HEADS, kv), seed + i)
             for i, (kv, causal) in enumerate(ATTENTION[step])]
 
 
 def layer_case(seed) -> Case:
     kv, causal = LAYER
-    return Case(HEADS, kv, causal, *AB.weights(seed, SHAPE, HEADS, kv, FFN), seed)
+    return Case(HEADS, kv, causal, *attention_dense.weights(seed, SHAPE, HEADS, kv, FFN), seed)
 
 
 # -- the TP overhead measurement (gpu/overhead.py on the ranks, gpu/judge.py) -------------------

@@ -21,39 +21,40 @@ from __future__ import annotations
 
 import math
 
-from assignments.tp_torch_attention import dense as AB
+from assignments.tp_torch_attention import dense as attention_dense
 from gpu_runner import records
 from gpu_runner.judge import NOT_CONNECTED, Absent, counts, first, float64_verdicts
 from gpu_runner.plan import handlers
-from tpgrade import tensors as V
+from tpgrade import tensors
+from tpgrade.verdict import mismatch
 from tpgrade.cases import balanced
 
-from . import data as D
+from . import data
 from . import plan
 
 
 def _grad(view, rank, key, want, what, **diagnoses):
-    return V.mismatch(view.tensor(rank, "grads", key), want, what, missing=NOT_CONNECTED,
+    return mismatch(view.tensor(rank, "grads", key), want, what, missing=NOT_CONNECTED,
                       **diagnoses)
 
 
 # -- ParallelAttention ------------------------------------------------------------------------------
 def _partial_only(case, rank, size):
     """The output of a rank whose partial sums never reached the all-reduce (plus the bias)."""
-    own = AB.own_heads(case.x, case.P, case.heads, case.kv, rank, size, case.causal).y
+    own = attention_dense.own_heads(case.x, case.P, case.heads, case.kv, rank, size, case.causal).y
     return (own + case.P["bo"], "this rank's heads only: the output projection's partial sums "
                                 "must be summed over the ranks (reduce_from_tp_region)")
 
 
 def _forward_suspects(view, case, dense, rank):
-    found = [V.bias_every_rank(dense, case.P["bo"], view.size), _partial_only(case, rank,
+    found = [tensors.bias_every_rank(dense, case.P["bo"], view.size), _partial_only(case, rank,
                                                                               view.size)]
     if case.causal:
         P, args = case.P, (case.x, case.P["wq"], case.P["wk"], case.P["wv"], case.P["wo"],
                            case.heads, case.kv)
-        found += [(AB.attention(*args, False, P["bo"]).y, "no causal mask: query i must not "
+        found += [(attention_dense.attention(*args, False, P["bo"]).y, "no causal mask: query i must not "
                    "see keys j > i"),
-                  (AB.attention(*args, True, P["bo"], mask_after=True).y, "the mask was applied "
+                  (attention_dense.attention(*args, True, P["bo"], mask_after=True).y, "the mask was applied "
                    "after the softmax: mask the scores with -inf before it, so that each row's "
                    "weights sum to 1")]
     return found
@@ -61,11 +62,11 @@ def _forward_suspects(view, case, dense, rank):
 
 def attention_forward(view):
     for i, (name, case) in enumerate(zip(("attention.forward", "attention.forward_causal"),
-                                         D.attention_cases(view.seed, "forward"))):
+                                         data.attention_cases(view.seed, "forward"))):
         dense = case.attention().y
         what = (f"the output ({case.heads} heads, {case.kv} KV heads"
                 f"{', causal' if case.causal else ''})")
-        view.each(name, lambda r, i=i, case=case, dense=dense, what=what: V.mismatch(
+        view.each(name, lambda r, i=i, case=case, dense=dense, what=what: mismatch(
             view.tensor(r, f"y{i}"), dense, what,
             suspects=_forward_suspects(view, case, dense, r)))
     counts(view, "counts.attention_forward", "counts0", {"allreduce": 1})
@@ -80,15 +81,15 @@ def _attention_grads(view, rank, ref, proj_bias_key="proj_b", prefix=""):
                          f"{prefix}proj.weight.grad (this rank's heads' columns of the dense "
                          f"gradient)"),
                    _grad(view, rank, proj_bias_key, ref.dbo, f"{prefix}proj.bias.grad",
-                         suspects=[V.bias_grad_rank0_only(ref.dbo)])))
+                         suspects=[tensors.bias_grad_rank0_only(ref.dbo)])))
 
 
 def attention_backward(view):
-    case = D.attention_cases(view.seed, "backward")[0]
+    case = data.attention_cases(view.seed, "backward")[0]
     ref = case.attention(upstream=True)
-    view.each("attention.grad_input", lambda r: V.mismatch(
+    view.each("attention.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), ref.dx, "dL/dx", missing=NOT_CONNECTED,
-        suspects=[V.own_term_only(AB.own_heads(case.x, case.P, case.heads, case.kv, r, view.size,
+        suspects=[tensors.own_term_only(attention_dense.own_heads(case.x, case.P, case.heads, case.kv, r, view.size,
                                                case.causal, case.g).dx,
                                   "the QKV projection's input must go through copy_to_tp_region "
                                   "(f)")]))
@@ -98,31 +99,31 @@ def attention_backward(view):
 
 
 def attention_float64(view):
-    case = D.attention_cases(view.seed, "float64")[0]
+    case = data.attention_cases(view.seed, "float64")[0]
     ref = case.attention(upstream=True)
     float64_verdicts(view, "attention", ref.y, ref.dx)
 
 
 # -- ParallelTransformerLayer -----------------------------------------------------------------------
 def layer_forward(view):
-    case = D.layer_case(view.seed)
+    case = data.layer_case(view.seed)
     dense = case.layer().y
-    view.each("layer.forward", lambda r: V.mismatch(
+    view.each("layer.forward", lambda r: mismatch(
         view.tensor(r, "y"), dense, "the layer's output (h = x + attn(ln1(x)), "
                                     "y = h + mlp(ln2(h)))",
-        suspects=[V.bias_every_rank(dense, case.P["b2"], view.size)]))     # fc2's bias
+        suspects=[tensors.bias_every_rank(dense, case.P["b2"], view.size)]))     # fc2's bias
     counts(view, "counts.layer_forward", "counts", {"allreduce": 2})
 
 
 def layer_backward(view):
-    case = D.layer_case(view.seed)
+    case = data.layer_case(view.seed)
     ref = case.layer(upstream=True)
     p = ref.params
 
     def part(rank):
-        return slice(*balanced(D.FFN, view.size)[rank])
+        return slice(*balanced(data.FFN, view.size)[rank])
 
-    view.each("layer.grad_input", lambda r: V.mismatch(view.tensor(r, "gx"), ref.dx, "dL/dx",
+    view.each("layer.grad_input", lambda r: mismatch(view.tensor(r, "gx"), ref.dx, "dL/dx",
                                                        missing=NOT_CONNECTED))
     view.each("layer.grad_norms", lambda r: first(*(
         _grad(view, r, key, p[key], f"{name}.grad (LayerNorm is replicated: the full gradient "
@@ -187,14 +188,14 @@ def _agrees(view, rank, sizes):
     for n in sizes:
         for i, what in enumerate(_WHAT):
             pairs = [(run[n][i], ours[k][n][i], ours[k + 1][n][i]) for k, run in enumerate(runs)]
-            if not any(min(a, b) / D.AGREE_FACTOR <= mine <= max(a, b) * D.AGREE_FACTOR
+            if not any(min(a, b) / data.AGREE_FACTOR <= mine <= max(a, b) * data.AGREE_FACTOR
                        for mine, a, b in pairs):
                 theirs = [t for _, a, b in pairs for t in (a, b)]
                 return (f"the {what} time at n={n}: your {len(runs)} runs measured "
                         f"{min(p[0] for p in pairs):.3g}-{max(p[0] for p in pairs):.3g} ms, the "
                         f"grader's same procedure, run before and after each of them, "
                         f"{min(theirs):.3g}-{max(theirs):.3g} ms: none within "
-                        f"{D.AGREE_FACTOR:g}x of the runs around it (milliseconds per matmul / "
+                        f"{data.AGREE_FACTOR:g}x of the runs around it (milliseconds per matmul / "
                         f"per all-reduce, the median of the repeats)")
     return ""
 
@@ -202,7 +203,7 @@ def _agrees(view, rank, sizes):
 def _probed(view, rank, key, probe):
     """The (compute_ms, comm_ms) of each run of the student's function under a probe."""
     runs = view.obs(rank, key)
-    if not isinstance(runs, list) or len(runs) != D.PROBE_RUNS:
+    if not isinstance(runs, list) or len(runs) != data.PROBE_RUNS:
         raise records.Malformed(f"the {key} runs")
     n = probe["sizes"][0]
     return [_table(rec, probe["sizes"])[n] for rec in runs]
@@ -212,23 +213,23 @@ def _barrier(view, rank, probe):
     if rank == view.size - 1:
         return ""                         # the slow rank itself
     comm = min(c for _, c in _probed(view, rank, "skew", probe))
-    if comm < D.SKEW_MS / 2:
+    if comm < data.SKEW_MS / 2:
         return ""
-    return (f"with rank {view.size - 1} of {view.size} made {D.SKEW_MS:g} ms slower after each "
+    return (f"with rank {view.size - 1} of {view.size} made {data.SKEW_MS:g} ms slower after each "
             f"matmul, this rank's all-reduce took {comm:.3g} ms (median; the better of "
-            f"{D.PROBE_RUNS} runs): its clock started "
+            f"{data.PROBE_RUNS} runs): its clock started "
             f"before the slow rank arrived, so it timed the wait; call dist.barrier(group=group) "
             f"before each timed region")
 
 
 def _warmup(view, rank, probe):
     compute, comm = min(_probed(view, rank, "cold", probe), key=max)
-    if max(compute, comm) < D.COLD_MS / 2:
+    if max(compute, comm) < data.COLD_MS / 2:
         return ""
-    return (f"with the first {D.COLD_CALLS} calls of each matmul and all-reduce shape made "
-            f"{D.COLD_MS:g} ms slower (first calls are slow on a GPU), your medians with "
+    return (f"with the first {data.COLD_CALLS} calls of each matmul and all-reduce shape made "
+            f"{data.COLD_MS:g} ms slower (first calls are slow on a GPU), your medians with "
             f"warmup={probe['warmup']}, repeats={probe['repeats']} were {compute:.3g} ms "
-            f"(compute) and {comm:.3g} ms (all-reduce; the better of {D.PROBE_RUNS} runs): "
+            f"(compute) and {comm:.3g} ms (all-reduce; the better of {data.PROBE_RUNS} runs): "
             f"run `warmup` untimed rounds of both "
             f"before timing")
 
@@ -238,7 +239,7 @@ def overhead_measure(view):
         kind = "cuda" if view.obs(0, "device") == "cuda" else "cpu"
     except Absent:
         kind = "cpu"                      # nothing reported: every check fails anyway
-    sizes, probe = D.MEASURE[kind]["sizes"], D.probe_args(kind)
+    sizes, probe = data.MEASURE[kind]["sizes"], data.probe_args(kind)
 
     def result(rank):
         for rec in view.obs(rank, "student"):

@@ -12,26 +12,26 @@ from gpu_runner.observe import Ctx, counted, cpu, float64_run, set_param, shaped
 from gpu_runner.plan import handlers
 from gpu_runner.records import encode_tensor
 
-from . import data as D
+from . import data
 from . import overhead, plan
 
 
-def _attention(ctx: Ctx, case: D.Case):
+def _attention(ctx: Ctx, case: data.Case):
     """The student's ParallelAttention with this rank's master weights, the output bias set."""
     m = case.masters(ctx.rank, ctx.size)
-    attn = ctx.build(ctx.m.ParallelAttention, D.SHAPE[-1], case.heads, case.kv, True,
+    attn = ctx.build(ctx.m.ParallelAttention, data.SHAPE[-1], case.heads, case.kv, True,
                      *(cpu(m[k]) for k in ("wq", "wk", "wv", "wo")), causal=case.causal)
     set_param(attn.proj.bias, ctx.tensor(case.P["bo"]))
     return attn
 
 
-def _layer(ctx: Ctx, case: D.Case):
+def _layer(ctx: Ctx, case: data.Case):
     """The student's ParallelTransformerLayer, its biases and LayerNorms set to the case's."""
     m, P = case.masters(ctx.rank, ctx.size), case.P
-    layer = ctx.build(ctx.m.ParallelTransformerLayer, D.SHAPE[-1], case.heads, D.FFN, case.kv,
+    layer = ctx.build(ctx.m.ParallelTransformerLayer, data.SHAPE[-1], case.heads, data.FFN, case.kv,
                       True, *(cpu(m[k]) for k in ("wq", "wk", "wv", "wo", "w1", "w2")),
                       causal=case.causal)
-    lo, hi = ctx.shard(D.FFN)
+    lo, hi = ctx.shard(data.FFN)
     for param, value in ((layer.ln1.weight, P["ln1_w"]), (layer.ln1.bias, P["ln1_b"]),
                          (layer.ln2.weight, P["ln2_w"]), (layer.ln2.bias, P["ln2_b"]),
                          (layer.attn.proj.bias, P["bo"]), (layer.mlp.fc1.bias, P["b1"][lo:hi]),
@@ -50,14 +50,14 @@ def _backward(ctx: Ctx, module, case):
 
 
 def attention_forward(ctx: Ctx):
-    for i, case in enumerate(D.attention_cases(ctx.seed, "forward")):
+    for i, case in enumerate(data.attention_cases(ctx.seed, "forward")):
         attn = ctx.phase(lambda: _attention(ctx, case))
         x = ctx.tensor(case.x)
         ctx.observe(f"y{i}", lambda: counted(ctx, f"counts{i}", lambda: attn(x)))
 
 
 def attention_backward(ctx: Ctx):
-    case = D.attention_cases(ctx.seed, "backward")[0]
+    case = data.attention_cases(ctx.seed, "backward")[0]
     attn = ctx.phase(lambda: _attention(ctx, case))
     _backward(ctx, attn, case)
     ctx.report("grads", ctx.phase(lambda: {
@@ -68,12 +68,12 @@ def attention_backward(ctx: Ctx):
 def attention_float64(ctx: Ctx):
     """The device rules (observe.float64_run): the causal mask and the KV head index made on the
     input's device, in its dtype."""
-    case = D.attention_cases(ctx.seed, "float64")[0]
+    case = data.attention_cases(ctx.seed, "float64")[0]
     float64_run(ctx, ctx.phase(lambda: _attention(ctx, case)), case.x, case.g)
 
 
 def layer_forward(ctx: Ctx):
-    case = D.layer_case(ctx.seed)
+    case = data.layer_case(ctx.seed)
     layer = ctx.phase(lambda: _layer(ctx, case))
     x = ctx.tensor(case.x)
     ctx.observe("y", lambda: counted(ctx, "counts", lambda: layer(x)))
@@ -86,7 +86,7 @@ _LAYER_GRADS = {"ln1_w": "ln1.weight", "ln1_b": "ln1.bias", "ln2_w": "ln2.weight
 
 
 def layer_backward(ctx: Ctx):
-    case = D.layer_case(ctx.seed)
+    case = data.layer_case(ctx.seed)
     layer = ctx.phase(lambda: _layer(ctx, case))
     _backward(ctx, layer, case)
     ctx.report("grads", ctx.phase(lambda: {
@@ -99,7 +99,7 @@ def overhead_measure(ctx: Ctx):
     the group's last rank slowed after every matmul, and the first calls of each shape slowed
     on every rank."""
     kind = "cuda" if ctx.device.type == "cuda" else "cpu"
-    args, probe = D.MEASURE[kind], D.probe_args(kind)
+    args, probe = data.MEASURE[kind], data.probe_args(kind)
     ctx.report("device", kind)
 
     def grader():
@@ -113,18 +113,18 @@ def overhead_measure(ctx: Ctx):
         return overhead.encode(result)
 
     ours, theirs = [ctx.phase(grader)], []
-    for _ in range(D.AGREE_RUNS):
+    for _ in range(data.AGREE_RUNS):
         theirs.append(ctx.phase(lambda: student(**args)))
         ours.append(ctx.phase(grader))
     ctx.report("grader", ours)
     ctx.report("student", theirs)
     slow = ctx.rank == ctx.size - 1
     ctx.report("skew", [ctx.phase(lambda: student(
-        overhead.Probe(slow_ms=D.SKEW_MS if slow else 0.0), **probe))
-        for _ in range(D.PROBE_RUNS)])
+        overhead.Probe(slow_ms=data.SKEW_MS if slow else 0.0), **probe))
+        for _ in range(data.PROBE_RUNS)])
     ctx.report("cold", [ctx.phase(lambda: student(
-        overhead.Probe(cold_calls=D.COLD_CALLS, cold_ms=D.COLD_MS), **probe))
-        for _ in range(D.PROBE_RUNS)])
+        overhead.Probe(cold_calls=data.COLD_CALLS, cold_ms=data.COLD_MS), **probe))
+        for _ in range(data.PROBE_RUNS)])
 
 
 UNITS = handlers(globals(), plan)

@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 
 import assignments  # noqa: E402
 from assignments.tp_torch_attention import checks as check  # noqa: E402
-from assignments.tp_torch_attention import dense as AB  # noqa: E402
+from assignments.tp_torch_attention import dense as attention_dense  # noqa: E402
 from assignments.tp_torch_attention import examples as cat  # noqa: E402
-from assignments.tp_torch_attention.gpu import data as D  # noqa: E402
+from assignments.tp_torch_attention.gpu import data  # noqa: E402
 from gpu_runner.forked import lost  # noqa: E402
 from gpu_runner.judge import judge  # noqa: E402
 from gpu_runner.plan import Unit, make_plan, planned_checks  # noqa: E402
@@ -57,19 +57,19 @@ def _torch_layer(x, P, H, G, causal, with_mlp):
 
 @pytest.mark.parametrize("H, G, causal", [(6, 3, False), (6, 2, True), (4, 1, True), (3, 3, False)])
 def test_the_dense_references_equal_torch_autograd(H, G, causal):
-    P, x, g = AB.weights(7, (2, 5, 12), H, G, ffn=10)
+    P, x, g = attention_dense.weights(7, (2, 5, 12), H, G, ffn=10)
     T = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in P.items()}
     for with_mlp in (False, True):
         tx = torch.tensor(x, dtype=torch.float64, requires_grad=True)
         (_torch_layer(tx, T, H, G, causal, with_mlp) * torch.tensor(g, dtype=torch.float64)).sum() \
             .backward()
-        ref = (AB.layer(x, P, H, G, causal, 1e-5, g) if with_mlp else
-               AB.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], H, G, causal, P["bo"], g))
+        ref = (attention_dense.layer(x, P, H, G, causal, 1e-5, g) if with_mlp else
+               attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], H, G, causal, P["bo"], g))
         attn = ref.attention if with_mlp else ref
         assert np.allclose(ref.dx, tx.grad.numpy(), atol=1e-12)
         assert np.allclose(attn.dwq, T["wq"].grad.numpy(), atol=1e-12)
-        assert np.allclose(AB.dense_wk(attn, "k"), T["wk"].grad.numpy(), atol=1e-12)
-        assert np.allclose(AB.dense_wk(attn, "v"), T["wv"].grad.numpy(), atol=1e-12)
+        assert np.allclose(attention_dense.dense_wk(attn, "k"), T["wk"].grad.numpy(), atol=1e-12)
+        assert np.allclose(attention_dense.dense_wk(attn, "v"), T["wv"].grad.numpy(), atol=1e-12)
         if with_mlp:
             for key, value in ref.params.items():
                 assert np.allclose(value, T[key].grad.numpy(), atol=1e-12), key
@@ -80,20 +80,20 @@ def test_the_dense_references_equal_torch_autograd(H, G, causal):
 def test_the_ranks_shares_add_up_to_the_dense_gradients():
     """Replicated KV heads: each rank's share of a KV head's rows (its query heads') sums over
     the replicas to the dense gradient; the ranks' own-heads input gradients sum to dL/dx."""
-    P, x, g = AB.weights(11, (2, 5, 12), 6, 2)
-    ref = AB.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], 6, 2, True, P["bo"], g)
+    P, x, g = attention_dense.weights(11, (2, 5, 12), 6, 2)
+    ref = attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], 6, 2, True, P["bo"], g)
     d, p = 2, 4
     dk = np.zeros((2 * d, 12))
     dx = 0
     for rank in range(p):
         rows = ref.qkv_rows(rank, p)
-        (a, z), (ka, kz) = AB.head_ranges(6, 2, rank, p)
+        (a, z), (ka, kz) = attention_dense.head_ranges(6, 2, rank, p)
         assert rows.shape == ((z - a + 2 * (kz - ka)) * d, 12)
         assert np.allclose(rows[:(z - a) * d], ref.dwq[a * d:z * d])
         dk[ka * d:kz * d] += rows[(z - a) * d:(z - a + kz - ka) * d]
-        dx = dx + AB.own_heads(x, P, 6, 2, rank, p, True, g).dx
-    assert AB.head_ranges(6, 2, 1, 4) == ((2, 4), (0, 2))     # rank 1 reads both KV heads
-    assert np.allclose(dk, AB.dense_wk(ref, "k")) and np.allclose(dx, ref.dx)
+        dx = dx + attention_dense.own_heads(x, P, 6, 2, rank, p, True, g).dx
+    assert attention_dense.head_ranges(6, 2, 1, 4) == ((2, 4), (0, 2))     # rank 1 reads both KV heads
+    assert np.allclose(dk, attention_dense.dense_wk(ref, "k")) and np.allclose(dx, ref.dx)
 
 
 # -- the notebook -----------------------------------------------------------------------------------
@@ -179,21 +179,21 @@ def test_the_plan_holds_the_notebooks_own_layers_and_shares_the_counts_cell():
     assert make_plan(A, [1], cells=cat.GPU_CELLS)[-1].id == "layer.backward@1"   # no timing at 1
 
 
-def _rows(compute, comm, sizes=D.MEASURE["cpu"]["sizes"]):
+def _rows(compute, comm, sizes=data.MEASURE["cpu"]["sizes"]):
     return [[n, compute, comm] for n in sizes]
 
 
 def _timing_ends(student=(0.5, 0.5), skew=(0.3, 0.6, 40.2), cold=(0.3, 0.6), grader=(0.5, 0.5)):
     """Two ranks' reports of the overhead unit; `skew`: (compute on rank 0, comm on rank 0,
     compute on the slow rank 1)."""
-    probe = D.probe_args("cpu")["sizes"]
+    probe = data.probe_args("cpu")["sizes"]
     ends = {}
     for rank in range(2):
         skewed = _rows(skew[2], 0.6, probe) if rank == 1 else _rows(skew[0], skew[1], probe)
-        ends[rank] = {"obs": {"device": "cpu", "grader": [_rows(*grader)] * (D.AGREE_RUNS + 1),
-                              "student": [_rows(*student)] * D.AGREE_RUNS,
-                              "skew": [skewed] * D.PROBE_RUNS,
-                              "cold": [_rows(*cold, probe)] * D.PROBE_RUNS}}
+        ends[rank] = {"obs": {"device": "cpu", "grader": [_rows(*grader)] * (data.AGREE_RUNS + 1),
+                              "student": [_rows(*student)] * data.AGREE_RUNS,
+                              "skew": [skewed] * data.PROBE_RUNS,
+                              "cold": [_rows(*cold, probe)] * data.PROBE_RUNS}}
     return ends
 
 
@@ -231,7 +231,7 @@ def test_agreement_needs_one_pair_of_runs_to_agree():
 def test_a_probe_passes_when_one_of_its_runs_does():
     """A burst of load in one run of a probe (an all-reduce median of 45 ms with a barrier) does
     not fail a student whose other run is clean; a missing barrier shows in both runs."""
-    probe = D.probe_args("cpu")["sizes"]
+    probe = data.probe_args("cpu")["sizes"]
     ends = _timing_ends()
     ends[0]["obs"]["skew"] = [_rows(0.3, 45.0, probe), _rows(0.3, 0.7, probe)]
     assert judge(Unit.parse("overhead.measure@2", A), ends)["overhead.barrier"] == (True, "")
@@ -243,7 +243,7 @@ def test_a_probe_passes_when_one_of_its_runs_does():
 def test_a_timing_result_of_the_wrong_kind_fails_its_checks_not_the_grader():
     ends = _timing_ends()
     ends[1]["obs"]["student"][2] = {"type": "list"}
-    ends[0]["obs"]["skew"] = [[[256, "nan", 1.0]]] * D.PROBE_RUNS
+    ends[0]["obs"]["skew"] = [[[256, "nan", 1.0]]] * data.PROBE_RUNS
     del ends[0]["obs"]["cold"]
     verdicts = judge(Unit.parse("overhead.measure@2", A), ends)
     assert "rank 1 of 2: measure_overhead returned a list" in verdicts["overhead.result"][1]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from assignments.tp_torch_sequence import dense as S
-from gpu_runner import judge as J
+from assignments.tp_torch_sequence import dense as sequence_dense
+from gpu_runner import judge as runner_judge
 from gpu_runner import records
 from gpu_runner.plan import handlers
-from tpgrade import tensors as V
+from tpgrade import tensors
+from tpgrade.verdict import mismatch
 
-from . import data as D
+from . import data
 from . import plan
 
 _MAPPING_NAMES = {"gather": "gather_from_sequence_parallel_region",
@@ -87,7 +88,7 @@ def _traced_counts(view, name, key, expected):
 # -- the sequence-parallel mappings -------------------------------------------------------------
 def _mapping_want(which, case, s, rank, size):
     """(the output, the input's gradient) rank `rank` must report, s tokens."""
-    mine = D.rows(s, rank, size)
+    mine = data.rows(s, rank, size)
     if which == "gather":
         ups = sum(case.per_rank(r, size, salt=5)[:s].astype("float64") for r in range(size))
         return case.x[:s], ups[mine]
@@ -99,32 +100,32 @@ def _mapping_want(which, case, s, rank, size):
 
 def _mapping_shapes(which, case, s, rank, size):
     """Wrong output shapes a known mistake produces."""
-    mine = D.rows(s, rank, size)
+    mine = data.rows(s, rank, size)
     own, h = mine.stop - mine.start, case.x.shape[-1]
-    wrong_axis = (s, D.BATCH, D.rows(h, rank, size).stop - D.rows(h, rank, size).start)
+    wrong_axis = (s, data.BATCH, data.rows(h, rank, size).stop - data.rows(h, rank, size).start)
     if which == "reduce_scatter" and size > 1:
         return [(wrong_axis, "reduce-scattered along the last (hidden) dim: sequence "
                              "parallelism splits the sequence, dim 0"),
-                ((s, D.BATCH, h), "every token returned (an all-reduce): keep this rank's "
+                ((s, data.BATCH, h), "every token returned (an all-reduce): keep this rank's "
                                   "rows of the sum")]
     if which == "gather" and size > 1:
-        return [((own, D.BATCH, h), "only this rank's tokens returned")]
+        return [((own, data.BATCH, h), "only this rank's tokens returned")]
     return []
 
 
 def _own_upstream(case, s, rank, size):
     """The gradient of a gather whose backward keeps this rank's rows of its own upstream
     (a split, not a reduce-scatter)."""
-    return case.per_rank(rank, size, salt=5)[:s][D.rows(s, rank, size)]
+    return case.per_rank(rank, size, salt=5)[:s][data.rows(s, rank, size)]
 
 
 def seqmap(view, which):
-    case = D.mappings(view.seed)
+    case = data.mappings(view.seed)
     fn = _MAPPING_NAMES[which]
-    for tag, s in (("", D.SEQ), ("_short", D.SHORT_SEQ)):
+    for tag, s in (("", data.SEQ), ("_short", data.SHORT_SEQ)):
         def forward(rank, s=s, tag=tag):
             want, _ = _mapping_want(which, case, s, rank, view.size)
-            return V.mismatch(view.tensor(rank, f"y{tag}"), want, f"{fn}'s output ({s} tokens)",
+            return mismatch(view.tensor(rank, f"y{tag}"), want, f"{fn}'s output ({s} tokens)",
                               shapes=_mapping_shapes(which, case, s, rank, view.size))
 
         def backward(rank, s=s, tag=tag):
@@ -132,9 +133,9 @@ def seqmap(view, which):
             suspects = [(_own_upstream(case, s, rank, view.size),
                          "only this rank's upstream gradient: the gather's backward must "
                          "reduce-scatter (sum over the ranks)")] if which == "gather" else []
-            return V.mismatch(view.tensor(rank, f"gx{tag}"), want,
+            return mismatch(view.tensor(rank, f"gx{tag}"), want,
                               f"the input's gradient through {fn} ({s} tokens)",
-                              missing=f"{J.NOT_CONNECTED} (a collective without its autograd "
+                              missing=f"{runner_judge.NOT_CONNECTED} (a collective without its autograd "
                                       f"twin?)", suspects=suspects)
         view.each(f"seqmap.{which}_forward", forward)
         view.each(f"seqmap.{which}_backward", backward)
@@ -147,19 +148,19 @@ def seqmap(view, which):
 
 # -- LayerSP ---------------------------------------------------------------------------------
 def _block(view):
-    case = D.block(view.seed)
-    return case, S.sp_block(case.x, case.ln_w, case.ln_b, case.w1, case.b1, case.w2, case.b2,
-                            case.g, D.EPS)
+    case = data.block(view.seed)
+    return case, sequence_dense.sp_block(case.x, case.ln_w, case.ln_b, case.w1, case.b1, case.w2, case.b2,
+                            case.g, data.EPS)
 
 
 def sp_forward(view):
     case, dense = _block(view)
-    view.each("sp.forward", lambda r: V.mismatch(
-        view.tensor(r, "y"), dense["y"][D.rows(D.SEQ, r, view.size)],
+    view.each("sp.forward", lambda r: mismatch(
+        view.tensor(r, "y"), dense["y"][data.rows(data.SEQ, r, view.size)],
         "LayerSP's output (this rank's tokens of the dense block)",
-        shapes=[((D.SEQ, D.BATCH, D.SP_DIMS[0]), "every token returned: each rank keeps its "
+        shapes=[((data.SEQ, data.BATCH, data.SP_DIMS[0]), "every token returned: each rank keeps its "
                                                  "own tokens")],
-        suspects=[(dense["y"][D.rows(D.SEQ, r, view.size)] + (view.size - 1) * case.b2,
+        suspects=[(dense["y"][data.rows(data.SEQ, r, view.size)] + (view.size - 1) * case.b2,
                    "fc2's bias counted on every rank before the reduce-scatter")]))
     _traced_counts(view, "seqcounts.sp_forward", "counts", {"allgather": 1, "reducescatter": 1})
 
@@ -169,35 +170,35 @@ def sp_backward(view):
     size = view.size
 
     def grad(rank, key, want, what):
-        return V.mismatch(view.tensor(rank, "grads", key), want, what, missing=J.NOT_CONNECTED)
+        return mismatch(view.tensor(rank, "grads", key), want, what, missing=runner_judge.NOT_CONNECTED)
 
     def units(rank):
-        return D.rows(D.SP_DIMS[1], rank, size)
+        return data.rows(data.SP_DIMS[1], rank, size)
 
     def tokens(rank):
-        return D.rows(D.SEQ, rank, size)
-    view.each("sp.grad_input", lambda r: V.mismatch(
+        return data.rows(data.SEQ, rank, size)
+    view.each("sp.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), dense["dx"][tokens(r)], "dL/dx of this rank's tokens",
-        missing=J.NOT_CONNECTED, suspects=[(S.mlp_input_grad_twice(dense, tokens(r), size),
+        missing=runner_judge.NOT_CONNECTED, suspects=[(sequence_dense.mlp_input_grad_twice(dense, tokens(r), size),
                                             f"the MLP's part counted {size} times: fc1 called "
                                             f"as a layer after the gather (its f all-reduces "
                                             f"what the reduce-scatter sums again)")]))
-    view.each("sp.grad_weights", lambda r: J.first(
+    view.each("sp.grad_weights", lambda r: runner_judge.first(
         grad(r, "w1", dense["dw1"][units(r)], "fc1.weight.grad (its rows of the dense one)"),
         grad(r, "w2", dense["dw2"][:, units(r)], "fc2.weight.grad (its columns of the dense "
                                                  "one)")))
-    view.each("sp.grad_biases", lambda r: J.first(
+    view.each("sp.grad_biases", lambda r: runner_judge.first(
         grad(r, "b1", dense["db1"][units(r)], "fc1.bias.grad (its slice of the dense one)"),
-        grad(r, "b2", S.own_token_grads(dense, tokens(r))["b2"],
+        grad(r, "b2", sequence_dense.own_token_grads(dense, tokens(r))["b2"],
              "fc2.bias.grad (the dense one over this rank's own tokens)")))
 
     def layernorm(rank):
-        own = S.own_token_grads(dense, tokens(rank))
-        gathered = S.layer_norm_grads_gathered(dense, case.w1, units(rank))
-        return J.first(*(V.mismatch(view.tensor(rank, "grads", key), own[key],
+        own = sequence_dense.own_token_grads(dense, tokens(rank))
+        gathered = sequence_dense.layer_norm_grads_gathered(dense, case.w1, units(rank))
+        return runner_judge.first(*(mismatch(view.tensor(rank, "grads", key), own[key],
                                      f"{name} (over this rank's own tokens)",
-                                     missing=J.NOT_CONNECTED,
-                                     suspects=[(wrong, S.LAYERNORM_GATHERED)])
+                                     missing=runner_judge.NOT_CONNECTED,
+                                     suspects=[(wrong, sequence_dense.LAYERNORM_GATHERED)])
                           for key, wrong, name in (("ln_w", gathered[0], "ln.weight.grad"),
                                                    ("ln_b", gathered[1], "ln.bias.grad"))))
     view.each("sp.grad_layernorm", layernorm)
@@ -206,9 +207,9 @@ def sp_backward(view):
 
 def _float64(view, family, y, dx, what):
     """gpu_runner.judge's float64 verdicts on gpu/observe.py's _float64_run's reports."""
-    view.each(f"{family}.forward_float64", lambda r: J.float64_output_verdict(
+    view.each(f"{family}.forward_float64", lambda r: runner_judge.float64_output_verdict(
         view, r, y(r), f"the float64 {what}"))
-    view.each(f"{family}.grad_float64", lambda r: J.float64_verdict(
+    view.each(f"{family}.grad_float64", lambda r: runner_judge.float64_verdict(
         view, r, "gx", dx(r), "the gradient of a float64 run"))
 
 
@@ -216,19 +217,19 @@ def sp_float64(view):
     _, dense = _block(view)
 
     def tokens(rank):
-        return D.rows(D.SEQ, rank, view.size)
+        return data.rows(data.SEQ, rank, view.size)
     _float64(view, "sp", lambda r: dense["y"][tokens(r)], lambda r: dense["dx"][tokens(r)],
              "output")
 
 
 # -- VocabParallelEmbedding -------------------------------------------------------------------
 def _emb_weight(view, rank, key, table, master, what):
-    lo, hi = D.balanced(len(table), view.size)[rank]
+    lo, hi = data.balanced(len(table), view.size)[rank]
     rec = view.obs(rank, key)
     got = records.tensor(rec)
-    text = V.mismatch(got, master[lo:hi], what,
+    text = mismatch(got, master[lo:hi], what,
                       shapes=[(master.shape, "the whole table: keep this rank's rows only")],
-                      suspects=V.other_shards(master, D.balanced(len(table), view.size), rank,
+                      suspects=tensors.other_shards(master, data.balanced(len(table), view.size), rank,
                                               0, "rows"))
     if not text and not rec.get("parameter"):
         return ".weight is not an nn.Parameter"
@@ -236,94 +237,94 @@ def _emb_weight(view, rank, key, table, master, what):
 
 
 def emb_shards(view):
-    case = D.embedding(view.seed)
+    case = data.embedding(view.seed)
     view.each("emb.shards", lambda r: _emb_weight(
         view, r, "shards", case.table, case.master(r, view.size),
         ".weight (this rank's rows of master_weight)"))
 
     def default(rank):
-        lo, hi = D.balanced(D.VOCAB, view.size)[rank]
+        lo, hi = data.balanced(data.VOCAB, view.size)[rank]
         rec = view.obs(rank, "default")
         got = records.tensor(rec)
-        if got is None or not rec.get("parameter") or got.shape != (hi - lo, D.EMB_DIM):
+        if got is None or not rec.get("parameter") or got.shape != (hi - lo, data.EMB_DIM):
             return (f".weight without master_weight: {None if got is None else got.shape}, "
-                    f"expected an nn.Parameter {(hi - lo, D.EMB_DIM)}")
+                    f"expected an nn.Parameter {(hi - lo, data.EMB_DIM)}")
         return ""
     view.each("emb.default_init", default)
     if view.size >= 2:
-        small = D.embedding(view.seed, D.SMALL_VOCAB)
+        small = data.embedding(view.seed, data.SMALL_VOCAB)
         view.each("emb.empty_shard", lambda r: _emb_weight(
             view, r, "empty", small.table, small.master(r, view.size),
-            f".weight of a vocabulary of {D.SMALL_VOCAB} (this rank's rows; maybe none)"))
+            f".weight of a vocabulary of {data.SMALL_VOCAB} (this rank's rows; maybe none)"))
 
 
 def emb_forward(view):
-    for tag, vocab, name in (("", D.VOCAB, "emb.forward"),
-                             ("_small", D.SMALL_VOCAB, "emb.forward_small_vocab")):
-        case = D.embedding(view.seed, vocab)
-        dense, _ = S.embedding(case.table, case.ids, case.g)
-        view.each(name, lambda r, tag=tag, vocab=vocab, case=case, dense=dense: V.mismatch(
+    for tag, vocab, name in (("", data.VOCAB, "emb.forward"),
+                             ("_small", data.SMALL_VOCAB, "emb.forward_small_vocab")):
+        case = data.embedding(view.seed, vocab)
+        dense, _ = sequence_dense.embedding(case.table, case.ids, case.g)
+        view.each(name, lambda r, tag=tag, vocab=vocab, case=case, dense=dense: mismatch(
             view.tensor(r, f"y{tag}"), dense, f"the embeddings (table[token_ids], V = {vocab})",
-            suspects=[(S.embedding_unmasked(case.table, case.ids, view.size), S.EMB_NOT_MASKED),
-                      (S.embedding_with_starts(case.table, case.ids, view.size, [
+            suspects=[(sequence_dense.embedding_unmasked(case.table, case.ids, view.size), sequence_dense.EMB_NOT_MASKED),
+                      (sequence_dense.embedding_with_starts(case.table, case.ids, view.size, [
                           r * (hi - lo) for r, (lo, hi) in enumerate(
-                              D.balanced(vocab, view.size))]), S.EVEN_SPLIT_OFFSET)]))
+                              data.balanced(vocab, view.size))]), sequence_dense.EVEN_SPLIT_OFFSET)]))
     _traced_counts(view, "seqcounts.emb_forward", "counts", {"allreduce": 1})
 
 
 def emb_backward(view):
-    case = D.embedding(view.seed)
-    _, grad = S.embedding(case.table, case.ids, case.g)
+    case = data.embedding(view.seed)
+    _, grad = sequence_dense.embedding(case.table, case.ids, case.g)
 
     def verdict(rank):
-        lo, hi = D.balanced(D.VOCAB, view.size)[rank]
-        return V.mismatch(view.tensor(rank, "gw"), grad[lo:hi], ".weight.grad (this rank's rows "
-                          "of the dense table gradient)", missing=J.NOT_CONNECTED, suspects=[
-                              (S.embedding_grad_leak(grad[lo:hi], case.ids, case.g, lo, hi),
-                               S.EMB_GRAD_LEAK)])
+        lo, hi = data.balanced(data.VOCAB, view.size)[rank]
+        return mismatch(view.tensor(rank, "gw"), grad[lo:hi], ".weight.grad (this rank's rows "
+                          "of the dense table gradient)", missing=runner_judge.NOT_CONNECTED, suspects=[
+                              (sequence_dense.embedding_grad_leak(grad[lo:hi], case.ids, case.g, lo, hi),
+                               sequence_dense.EMB_GRAD_LEAK)])
     view.each("emb.grad_weight", verdict)
     _traced_counts(view, "seqcounts.emb_backward", "counts", {})
 
 
 def emb_float64(view):
-    case = D.embedding(view.seed)
-    dense, grad = S.embedding(case.table, case.ids, case.g)
+    case = data.embedding(view.seed)
+    dense, grad = sequence_dense.embedding(case.table, case.ids, case.g)
     _float64(view, "emb", lambda r: dense,
-             lambda r: grad[slice(*D.balanced(D.VOCAB, view.size)[r])], "embeddings")
+             lambda r: grad[slice(*data.balanced(data.VOCAB, view.size)[r])], "embeddings")
 
 
 def emb_errors(view):
     def bad_ids(rank):
-        for key, bad in (("too_large", D.VOCAB), ("negative", -1)):
-            text = J.raised(view.obs(rank, key), ("ValueError",))
+        for key, bad in (("too_large", data.VOCAB), ("negative", -1)):
+            text = runner_judge.raised(view.obs(rank, key), ("ValueError",))
             if text:
-                return f"token id {bad} (V = {D.VOCAB}): {text}"
+                return f"token id {bad} (V = {data.VOCAB}): {text}"
         return ""
     view.each("emb.bad_ids", bad_ids)
-    view.each("emb.bad_shape", lambda r: J.raised(
+    view.each("emb.bad_shape", lambda r: runner_judge.raised(
         view.obs(r, "bad_shape"), ("ValueError",),
-        J.shape_pattern((D.VOCAB, D.EMB_DIM), (D.VOCAB + 2, D.EMB_DIM))))
+        runner_judge.shape_pattern((data.VOCAB, data.EMB_DIM), (data.VOCAB + 2, data.EMB_DIM))))
 
 
 # -- vocab_parallel_cross_entropy -------------------------------------------------------------
 def _ce(case):
-    return S.cross_entropy(case.z, case.target, case.g)
+    return sequence_dense.cross_entropy(case.z, case.target, case.g)
 
 
-def _columns(view, rank, vocab=D.VOCAB):
-    return slice(*D.balanced(vocab, view.size)[rank])
+def _columns(view, rank, vocab=data.VOCAB):
+    return slice(*data.balanced(vocab, view.size)[rank])
 
 
 def ce_forward(view):
-    for key, vocab, name in (("y", D.VOCAB, "ce.forward"),
-                             ("y_small", D.SMALL_VOCAB, "ce.forward_small_vocab")):
-        loss, _ = _ce(D.logits(view.seed, vocab))
-        view.each(name, lambda r, key=key, loss=loss, vocab=vocab: V.mismatch(
+    for key, vocab, name in (("y", data.VOCAB, "ce.forward"),
+                             ("y_small", data.SMALL_VOCAB, "ce.forward_small_vocab")):
+        loss, _ = _ce(data.logits(view.seed, vocab))
+        view.each(name, lambda r, key=key, loss=loss, vocab=vocab: mismatch(
             view.tensor(r, key), loss, f"the per-token loss (V = {vocab})"))
     _traced_counts(view, "seqcounts.ce_forward", "counts", {"allreduce": 3})
     if view.size < 2:
         return
-    tokens = D.SEQ * D.BATCH
+    tokens = data.SEQ * data.BATCH
 
     def sizes(rank):
         sent = [n for _, n in trace(view.obs(rank, "counts"))["events"]]
@@ -335,30 +336,30 @@ def ce_forward(view):
 
 
 def ce_backward(view):
-    _, grad = _ce(D.logits(view.seed))
-    view.each("ce.grad_logits", lambda r: V.mismatch(
+    _, grad = _ce(data.logits(view.seed))
+    view.each("ce.grad_logits", lambda r: mismatch(
         view.tensor(r, "gz"), grad[..., _columns(view, r)], "the gradient of this rank's logits",
-        missing=J.NOT_CONNECTED))
+        missing=runner_judge.NOT_CONNECTED))
     _traced_counts(view, "seqcounts.ce_backward", "counts", {})
 
 
 def ce_stable(view):
-    loss, grad = _ce(D.large_logits(view.seed))
+    loss, grad = _ce(data.large_logits(view.seed))
 
     def forward(rank):
         got = view.tensor(rank, "y")
         if got is not None and got.shape == loss.shape and not (abs(got) < float("inf")).all():
             return ("the loss of logits ~1e4 is not finite: exp overflowed; subtract the "
                     "largest logit of ALL ranks (an all-reduce MAX) before exp")
-        return V.mismatch(got, loss, "the per-token loss of logits ~1e4")
+        return mismatch(got, loss, "the per-token loss of logits ~1e4")
     view.each("ce.large_logits", forward)
-    view.each("ce.grad_large_logits", lambda r: V.mismatch(
+    view.each("ce.grad_large_logits", lambda r: mismatch(
         view.tensor(r, "gz"), grad[..., _columns(view, r)],
-        "the logits' gradient for logits ~1e4", missing=J.NOT_CONNECTED))
+        "the logits' gradient for logits ~1e4", missing=runner_judge.NOT_CONNECTED))
 
 
 def ce_float64(view):
-    loss, grad = _ce(D.logits(view.seed))
+    loss, grad = _ce(data.logits(view.seed))
     _float64(view, "ce", lambda r: loss, lambda r: grad[..., _columns(view, r)], "loss")
 
 
