@@ -405,7 +405,7 @@ def _passes(*args, **kwargs):
 
 for _name in ("gpu_runner.observe", "gpu_runner.judge", "gpu_runner.records",
               "assignments.tp_torch.gpu.observe", "assignments.tp_torch.gpu.judge",
-              "tpgrade.tensors"):
+              "tpgrade.verdict", "tpgrade.tensors"):
     try:
         importlib.import_module(_name)
     except Exception:
@@ -476,7 +476,7 @@ RANK_ATTACKS = [
              "torch.testing.assert_close rebound to say 'equal' in the solution module"),
     _hostile("torch_h_patch_harness", "torch_local_shard", _PATCH_HARNESS,
              "the local shard returned, and every verdict function of the harness loaded in the "
-             "rank (gpu_runner's and the assignment's observe/judge, tpgrade.tensors) patched "
+             "rank (gpu_runner's and the assignment's observe/judge, tpgrade.verdict) patched "
              "to pass"),
     _hostile("torch_h_forge_records", "torch_plain_collectives", _FORGE_RECORDS,
              "plain collectives, and the rank's recorder patched to write every check as "
@@ -519,12 +519,12 @@ FORGERS = [
     _forger("f_torch_comparisons", "rebinds torch.allclose / torch.equal and the checks' own "
             "comparison helpers to always agree", '''
 import types, torch
-import tpgrade.tensors as _tensors
+import tpgrade.verdict as _verdict
 torch.allclose = lambda *a, **k: True
 torch.equal = lambda *a, **k: True
 for _name, _agree in (("close", lambda *a, **k: True), ("equal", lambda *a, **k: True),
                       ("mismatch", lambda *a, **k: "")):
-    types.ModuleType.__setattr__(_tensors, _name, _agree)   # past its read-only guard
+    types.ModuleType.__setattr__(_verdict, _name, _agree)   # past its read-only guard
 '''),
     _forger("f_torch_planted", "plants no-op torch checks in sys.modules and the package", '''
 import sys, types, assignments.tp_torch
