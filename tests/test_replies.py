@@ -1,6 +1,6 @@
 """What comes back from the student's process is checked whole before any comparison reads it
-(tpgrade.replies, in tpgrade._torch_trusted.run_on_ranks): every rank check of the three torch
-notebooks, fed a reply of the wrong shape (no list, an empty list, fewer or more ranks' results,
+(tpgrade.replies, in tpgrade._torch_trusted.run_on_ranks): every rank check of every torch
+notebook (the registry's torch assignments), fed a reply of the wrong shape (no list, an empty list, fewer or more ranks' results,
 the wrong number of values, values of the wrong kind), fails with a message saying what came
 back, never passes. In-process and fast: the student's process is a stand-in whose
 `run_on_ranks` returns the forged reply, the route the judge's replies take (tpjudge.student).
@@ -17,10 +17,11 @@ import pytest
 
 pytest.importorskip("torch")
 
+import assignments  # noqa: E402
 from tpgrade import replies  # noqa: E402
 from tpgrade.verdict import CheckFailed  # noqa: E402
 
-NOTEBOOKS = ("tp_torch", "tp_torch_sequence", "tp_torch_attention")
+NOTEBOOKS = [a.name for a in assignments.discover() if a.kind == "torch"]
 
 
 class _StudentProcess:
@@ -85,13 +86,14 @@ FORGED = {
 
 
 def test_every_rank_check_of_the_torch_notebooks_is_found():
-    names = {(notebook, name) for notebook, name, _ in RANK_CHECKS}
-    assert {("tp_torch", "mappings_f_and_g"), ("tp_torch", "mlp_backward"),
-            ("tp_torch", "errors_master_weight"), ("tp_torch_sequence", "layer_sp_forward"),
-            ("tp_torch_sequence", "embedding_bad_ids"), ("tp_torch_sequence", "ce_backward"),
-            ("tp_torch_attention", "projection_shards"), ("tp_torch_attention", "layer_backward"),
-            ("tp_torch_attention", "overhead_result")} <= names
-    assert len(names) >= 25, sorted(names)
+    assert len(NOTEBOOKS) >= 3
+    for notebook in NOTEBOOKS:
+        names = {name for nb, name, _ in RANK_CHECKS if nb == notebook}
+        assert len(names) >= 6, (notebook, sorted(names))
+    names = {name for _, name, _ in RANK_CHECKS}
+    assert {"mappings_f_and_g", "errors_master_weight", "embedding_bad_ids", "ce_backward",
+            "projection_shards", "overhead_result"} <= names
+    assert len(RANK_CHECKS) >= 25
 
 
 @pytest.mark.parametrize("forged", FORGED, ids=str)

@@ -13,42 +13,12 @@ when terms cancel, and it is carried through each step next to the value, in fir
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from . import _trusted as trusted
+from . import dense
 from .cases import f64
-
-_NEG_INF = float("-inf")
-
-
-def zeros(shape):
-    """float64 zeros through ndarray methods only (tpgrade._trusted has no np.zeros)."""
-    return trusted.asarray(0.0).repeat(math.prod(shape)).reshape(shape)
-
-
-def causal_mask(seq):
-    """(seq, seq) bool: query i may attend to key j when j <= i."""
-    i = trusted.arange(seq)
-    return i[:, None] >= i[None, :]
-
-
-def softmax(s):
-    """Softmax over the last axis (keys); -inf entries get weight 0."""
-    e = trusted.exp(s - s.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _keys_last(a):
-    return a.swapaxes(-1, -2)
-
-
-def scores(q, k, causal):
-    """q @ k.T / sqrt(head_dim) with -inf above the diagonal when causal: (..., seq, seq)."""
-    s = q @ _keys_last(k) / q.shape[-1] ** 0.5
-    if causal:   # 0 where allowed, -inf above the diagonal (picked by index: no np.where)
-        s = s + trusted.asarray([_NEG_INF, 0.0])[causal_mask(s.shape[-1]).astype(int)]
-    return s
+from .dense import scores, softmax, zeros
 
 
 def heads(q, k, v, causal=False, errors=None):
@@ -111,12 +81,9 @@ def attention(x, Wq, Wk, Wv, Wo, num_heads, num_kv_heads, causal=False, bo=None)
 def layer_norm(x, weight, bias, eps, x_err):
     """LayerNorm over the last axis (biased variance, as torch.nn.LayerNorm) and its error
     scale: rounding and input errors, amplified by 1 / std, relative to max|x| of the row."""
-    x, weight, bias = f64(x), f64(weight), f64(bias)
-    centred = x - x.mean(axis=-1, keepdims=True)
-    inv_std = ((centred * centred).mean(axis=-1, keepdims=True) + eps) ** -0.5
-    y = centred * inv_std * weight + bias
-    row = (4.0 * abs(x) + 2.0 * x_err).max(axis=-1, keepdims=True)
-    return y, abs(weight) * row * inv_std + abs(bias)
+    y, _, inv_std = dense.layer_norm(x, weight, bias, eps)
+    row = (4.0 * abs(f64(x)) + 2.0 * x_err).max(axis=-1, keepdims=True)
+    return y, abs(f64(weight)) * row * inv_std + abs(f64(bias))
 
 
 @dataclass

@@ -17,12 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tpgrade import _trusted as trusted
-from tpgrade._attention_dense import causal_mask, softmax, zeros
 from tpgrade.cases import arrays, balanced, f64, kv_heads
+from tpgrade.dense import causal_mask, layer_norm, layer_norm_backward, scores, softmax, zeros
 from tpgrade.tensors import gelu, noisy_master
-
-_NEG_INF = float("-inf")
-
 
 def _t(a):
     return a.swapaxes(-1, -2)
@@ -89,15 +86,11 @@ def _concat(blocks, width):
 
 
 def _head_forward(x, wq, wk, wv, causal, mask_after=False):
-    d = wq.shape[0]
     q, k, v = x @ wq.T, x @ wk.T, x @ wv.T
-    s = q @ _t(k) * d ** -0.5
     if causal and mask_after:              # a mistake, for diagnoses: rows no longer sum to 1
-        p = softmax(s) * causal_mask(s.shape[-1])
+        p = softmax(scores(q, k, False)) * causal_mask(q.shape[-2])
     else:
-        if causal:
-            s = s + trusted.asarray([_NEG_INF, 0.0])[causal_mask(s.shape[-1]).astype(int)]
-        p = softmax(s)
+        p = softmax(scores(q, k, causal))
     return q, k, v, p, p @ v
 
 
@@ -160,24 +153,6 @@ def dense_wk(g: Grads, which="k"):
     return total
 
 
-# -- LayerNorm ------------------------------------------------------------------------------------
-def layer_norm(x, weight, bias, eps):
-    """torch.nn.LayerNorm over the last axis (biased variance); returns (y, what backward needs)."""
-    centred = x - x.mean(axis=-1, keepdims=True)
-    inv_std = ((centred * centred).mean(axis=-1, keepdims=True) + eps) ** -0.5
-    xhat = centred * inv_std
-    return xhat * weight + bias, (xhat, inv_std, weight)
-
-
-def layer_norm_backward(dy, saved):
-    """(dL/dx, dL/dweight, dL/dbias) of a LayerNorm."""
-    xhat, inv_std, weight = saved
-    dxhat = dy * weight
-    dx = inv_std * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                    - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
-    return dx, _flat(dy * xhat).sum(axis=0), _flat(dy).sum(axis=0)
-
-
 # -- the pre-LN layer -------------------------------------------------------------------------------
 LAYER_PARAMS = ("ln1_w", "ln1_b", "wq", "wk", "wv", "wo", "bo", "ln2_w", "ln2_b", "w1", "b1", "w2",
                 "b2")
@@ -197,11 +172,11 @@ def layer(x, P, num_heads, num_kv_heads, causal=False, eps=1e-5, upstream=None) 
     L = sum(y * upstream) when `upstream` is given."""
     P = {k: f64(v) for k, v in P.items()}
     x = f64(x)
-    a1, ln1 = layer_norm(x, P["ln1_w"], P["ln1_b"], eps)
+    a1, *ln1 = layer_norm(x, P["ln1_w"], P["ln1_b"], eps)
     attn_fwd = attention(a1, P["wq"], P["wk"], P["wv"], P["wo"], num_heads, num_kv_heads, causal,
                          P["bo"])
     h = x + attn_fwd.y
-    a2, ln2 = layer_norm(h, P["ln2_w"], P["ln2_b"], eps)
+    a2, *ln2 = layer_norm(h, P["ln2_w"], P["ln2_b"], eps)
     u = a2 @ P["w1"].T + P["b1"]
     act, slope = gelu(u)
     y = h + act @ P["w2"].T + P["b2"]
@@ -210,11 +185,11 @@ def layer(x, P, num_heads, num_kv_heads, causal=False, eps=1e-5, upstream=None) 
     U = f64(upstream)
     du = (U @ P["w2"]) * slope
     da2 = du @ P["w1"]
-    dln2 = layer_norm_backward(da2, ln2)
+    dln2 = layer_norm_backward(da2, P["ln2_w"], *ln2)
     dh = U + dln2[0]
     attn = attention(a1, P["wq"], P["wk"], P["wv"], P["wo"], num_heads, num_kv_heads, causal,
                      P["bo"], dh)
-    dln1 = layer_norm_backward(attn.dx, ln1)
+    dln1 = layer_norm_backward(attn.dx, P["ln1_w"], *ln1)
     params = {"ln1_w": dln1[1], "ln1_b": dln1[2], "ln2_w": dln2[1], "ln2_b": dln2[2],
               "w1": _wgrad(du, a2), "b1": _flat(du).sum(axis=0), "w2": _wgrad(U, act),
               "b2": _flat(U).sum(axis=0), "bo": attn.dbo}

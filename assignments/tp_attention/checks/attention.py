@@ -12,6 +12,7 @@ from __future__ import annotations
 from tpgrade import _attention_dense as dense
 from tpgrade import _trusted as trusted
 from tpgrade._harness import check, make_read_only
+from tpgrade.dense import causal_mask, scores, softmax
 from tpgrade._layers import (call, expect_bad_args, expect_counts, expect_inputs_unchanged,
                              expect_output, expect_pieces, last_call, record, reduced, with_dtype)
 from tpgrade.cases import arrays, balanced, f64, kv_heads, relu
@@ -32,7 +33,7 @@ def _problem(seed, x_shape, H, G, d, out=None, bias=False, dtype=None):
 
 
 def _softmax_along(s, axis):
-    return dense.softmax(s.swapaxes(axis, -1)).swapaxes(axis, -1)
+    return softmax(s.swapaxes(axis, -1)).swapaxes(axis, -1)
 
 
 # --------------------------------------------------------------------------- attention_heads
@@ -42,10 +43,10 @@ def _heads_mistakes(q, k, v, causal):
     """(output, explanation) for the classic mistakes in scaled dot-product attention."""
     q, k, v = f64(q), f64(k), f64(v)
     d = q.shape[-1]
-    masked = dense.scores(q, k, causal)          # / sqrt(d), -inf above the diagonal if causal
-    found = [(dense.softmax(masked * d ** -0.5) @ v,
+    masked = scores(q, k, causal)          # / sqrt(d), -inf above the diagonal if causal
+    found = [(softmax(masked * d ** -0.5) @ v,
               "scores divided by head_dim instead of sqrt(head_dim)"),
-             (dense.softmax(masked * d ** 0.5) @ v,
+             (softmax(masked * d ** 0.5) @ v,
               "scores not scaled: divide q @ k.T by sqrt(head_dim)"),
              (_softmax_along(masked, -2) @ v, "softmax over the queries axis: each query's "
               "weights are normalized over the keys (the last axis)")]
@@ -53,15 +54,15 @@ def _heads_mistakes(q, k, v, causal):
         found.append((_softmax_along(masked, -3) @ v, "softmax over the heads axis (the axis "
                       "tensor parallelism splits): each head normalizes over its own keys"))
     if causal:
-        plain = dense.scores(q, k, False)
-        allowed = dense.causal_mask(q.shape[-2])
+        plain = scores(q, k, False)
+        allowed = causal_mask(q.shape[-2])
         found += [
-            (dense.softmax(plain) @ v, "the causal mask is missing"),
-            ((dense.softmax(plain) * allowed) @ v, "the mask was applied after the softmax: "
+            (softmax(plain) @ v, "the causal mask is missing"),
+            ((softmax(plain) * allowed) @ v, "the mask was applied after the softmax: "
              "mask the scores with -inf before it, so each row's weights sum to 1"),
-            (dense.softmax(plain * allowed) @ v, "masked scores were set to 0, not -inf: "
+            (softmax(plain * allowed) @ v, "masked scores were set to 0, not -inf: "
              "exp(0) = 1 still gives the future keys weight"),
-            (dense.softmax(plain + _penalty(allowed.T)) @ v, "the mask hides the past "
+            (softmax(plain + _penalty(allowed.T)) @ v, "the mask hides the past "
              "instead of the future: query i attends to keys j <= i"),
         ]
     return found

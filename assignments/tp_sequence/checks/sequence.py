@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 
 from tpgrade import _trusted as trusted
+from tpgrade import dense
 from tpgrade._harness import check, make_read_only
 from tpgrade._layers import (RANKS, call_raw, expect_bad_args, expect_counts,
                              expect_inputs_unchanged, expect_output, expect_pieces, last_call,
@@ -31,11 +32,9 @@ EPS = 1e-5
 
 def _layer_norm(x, w, b, eps=EPS):
     """layer_norm(x) in float64 over the last axis, and its error scale."""
-    x, w, b = f64(x), f64(w), f64(b)
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    inv_std = ((centred * centred).mean(axis=-1, keepdims=True) + eps) ** -0.5
-    return centred * inv_std * w + b, (abs(x) + abs(mean)) * inv_std * abs(w) + abs(b)
+    y, _, inv_std = dense.layer_norm(x, w, b, eps)
+    x = f64(x)
+    return y, (abs(x) + abs(x.mean(axis=-1, keepdims=True))) * inv_std * abs(f64(w)) + abs(f64(b))
 
 
 def _dense(x, ln_weight, ln_bias, W1, W2, b1=None, b2=None, activation=relu, eps=EPS):
