@@ -3,7 +3,7 @@
 Runs in `python -m gpu_runner.grade`, a process where no student code runs: each unit's judge
 (its assignment's gpu/judge.py: JUDGES) recomputes the unit's data from its seed (the
 assignment's gpu/data.py) and the dense reference from it in float64, and compares what every
-rank reported (gpu_runner.records) through tpgrade.tensors, the verdict layer the notebook's
+rank reported (gpu_runner.records) through tpgrade.verdict, the verdict core the notebook's
 own checks use (same tolerance, shape rule, messages and diagnoses). This module holds what
 every judge works with: a unit's reports (View) and the verdicts several assignments share. A
 sub-check passes when it passes on every rank of the group; its detail names the first rank
@@ -140,7 +140,7 @@ def float64_verdict(view, rank, key, want, what):
         if dtype != "float64":
             return tensors.wrong_dtype(dtype, what)
     return mismatch(got, want, what, dtype="float64", missing=NOT_CONNECTED,
-                      suspects=[tensors.float32_on_the_way(got, want)])
+                    suspects=[tensors.float32_on_the_way(got, want)])
 
 
 def float64_output_verdict(view, rank, want, what):

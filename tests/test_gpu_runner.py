@@ -382,6 +382,7 @@ def test_the_judging_side_imports_no_torch_and_no_grader_module_imports_tpcourse
                for part in ("judge", "data")]
     code = ("import sys; import gpu_runner.judge, gpu_runner.launch, gpu_runner.report, "
             "gpu_runner.reference, gpu_runner.records, gpu_runner.data, tpgrade.tensors, "
+            "tpgrade.verdict, tpgrade.dense, "
             + ", ".join(judging) + "; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     for path in RUNNER.glob("*.py"):

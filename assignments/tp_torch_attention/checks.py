@@ -5,8 +5,8 @@ ParallelAttention, ParallelTransformerLayer (on 2 CPU gloo ranks), measure_overh
 Each public function is one graded test cell (`from assignments.tp_torch_attention import
 checks as check; check.attention_forward(ParallelAttention)`), as in tp_torch's checks: the
 ranks (module-level functions here, forked by run_on_ranks) build the student's layer from
-numpy data, run it and return numpy arrays; the verdict is decided in the caller with
-tpgrade.tensors against the float64 references of this assignment's dense.py. Every rank gets
+numpy data, run it and return numpy arrays, checked whole (tpgrade.replies) before the verdict
+is decided in the caller with tpgrade.verdict against the float64 references of this assignment's dense.py. Every rank gets
 its own master weights: the true rows (columns for Wo) of its heads, noise elsewhere, so a rank
 that computes more than its heads gets a wrong answer. Sizes: hidden 6, 3 query heads of size
 2 and 1 KV head on 2 ranks (heads 2 + 1, the KV head replicated on both).
@@ -117,9 +117,9 @@ def projection_shards(QKVParallelLinear, OutputParallelLinear):
         lo, hi = balanced(HEADS * d, RANKS)[rank]
         cut = trusted.asarray(list(wq[lo:hi]) + list(wk[ka * d:kz * d]) + list(wv[ka * d:kz * d]))
         text = verdict.mismatch(w_qkv, want.astype(trusted.float64),
-                          "qkv.weight (this rank's q rows, then its KV heads' k rows, then v rows)",
-                          shapes=[(cut.shape, "the q rows split by features, not by heads: "
-                                              "a head is cut between ranks"),
+                                "qkv.weight (this rank's q rows, then its KV heads' k rows, then v rows)",
+                                shapes=[(cut.shape, "the q rows split by features, not by heads: "
+                                                    "a head is cut between ranks"),
                                   (((HEADS + 2 * KV) * d, HIDDEN), "the whole fused weight: "
                                                                    "keep this rank's heads only")])
         if text:
@@ -128,9 +128,9 @@ def projection_shards(QKVParallelLinear, OutputParallelLinear):
             fail(f"{verdict.where(rank, RANKS)}: qkv has a bias: the QKV projection has none here "
                  f"(register_parameter('bias', None), or no .bias at all)")
         text = verdict.mismatch(w_out,
-                          wo[:, a * d:z * d].astype(trusted.float64),
-                          "proj.weight (this rank's heads' columns of wo)",
-                          shapes=[(wo.shape, "the whole wo: keep this rank's heads' columns")])
+                                wo[:, a * d:z * d].astype(trusted.float64),
+                                "proj.weight (this rank's heads' columns of wo)",
+                                shapes=[(wo.shape, "the whole wo: keep this rank's heads' columns")])
         if text:
             fail(f"{verdict.where(rank, RANKS)}: {text}")
         bias = b_out
@@ -162,7 +162,7 @@ def _attention_suspects(P, x, causal, dense):
     found = [tensors.bias_every_rank(dense, P["bo"], RANKS)]
     if causal:
         found.append((attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, False,
-                                   P["bo"]).y,
+                                                P["bo"]).y,
                       "no causal mask: query i must not see keys j > i (mask the scores with "
                       "-inf before the softmax)"))
     return found
@@ -181,8 +181,8 @@ def attention_forward(ParallelAttention):
                                 reply=replies.ranks(RANKS, replies.Tensor("the output")))
         for rank, y in enumerate(per_rank):
             text = verdict.mismatch(y, dense,
-                              f"ParallelAttention's output (causal={causal})",
-                              suspects=_attention_suspects(P, x, causal, dense))
+                                    f"ParallelAttention's output (causal={causal})",
+                                    suspects=_attention_suspects(P, x, causal, dense))
             if text:
                 fail(f"{verdict.where(rank, RANKS)}: {text}")
 
@@ -211,7 +211,7 @@ def attention_backward(ParallelAttention):
                  "the dense gradient)", []),
                 (gb, ref.dbo, "proj.bias.grad", [tensors.bias_grad_rank0_only(ref.dbo)])):
             text = verdict.mismatch(got, want, what, missing="the output is not connected to it in "
-                                                       "autograd", suspects=suspects)
+                                                             "autograd", suspects=suspects)
             if text:
                 fail(f"{verdict.where(rank, RANKS)}: {text}")
 
@@ -253,8 +253,8 @@ def layer_forward(ParallelTransformerLayer):
     P, ref, per_rank = _layer_run(ParallelTransformerLayer, 641)
     for rank, (y, *_) in enumerate(per_rank):
         text = verdict.mismatch(y, ref.y, "ParallelTransformerLayer's output (x + attention(LN1(x)), "
-                          "then h + MLP(LN2(h)))",
-                          suspects=[tensors.bias_every_rank(ref.y, P["b2"], RANKS)])   # fc2's
+                                "then h + MLP(LN2(h)))",
+                                suspects=[tensors.bias_every_rank(ref.y, P["b2"], RANKS)])   # fc2's
         if text:
             fail(f"{verdict.where(rank, RANKS)}: {text}")
 
@@ -272,7 +272,7 @@ def layer_backward(ParallelTransformerLayer):
                 (g_qkv, ref.attention.qkv_rows(rank, RANKS), "attn.qkv.weight.grad"),
                 (g_fc1, ref.params["w1"][lo:hi], "mlp.fc1.weight.grad")):
             text = verdict.mismatch(got, want, what, missing="the output is not connected to it in "
-                                                       "autograd")
+                                                             "autograd")
             if text:
                 fail(f"{verdict.where(rank, RANKS)}: {text}")
 

@@ -132,7 +132,7 @@ def _only(full, rows):
 # -- LayerSP -----------------------------------------------------------------------------------
 def _sp_case():
     x, w1, b1, w2, b2, g = tensors.f32((SEQ, 2, HIDDEN), (FFN, HIDDEN), (FFN,), (HIDDEN, FFN),
-                                 (HIDDEN,), (SEQ, 2, HIDDEN), seed=61)
+                                       (HIDDEN,), (SEQ, 2, HIDDEN), seed=61)
     ln_w, ln_b = (1.0 + 0.5 * tensors.f32((HIDDEN,), seed=62)[0]), tensors.f32((HIDDEN,), seed=63)[0]
     return x, ln_w, ln_b, w1, b1, w2, b2, g
 

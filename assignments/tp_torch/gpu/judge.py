@@ -1,6 +1,6 @@
 """tp_torch's units, the grader side: every verdict on what the ranks reported of the student's
 ColumnParallelLinear, RowParallelLinear and ParallelMLP (gpu/observe.py), against the dense
-float64 reference of the unit's data (gpu/data.py), through tpgrade.tensors, as gpu_runner.judge
+float64 reference of the unit's data (gpu/data.py), through tpgrade.verdict, as gpu_runner.judge
 says. numpy only.
 """
 from __future__ import annotations
@@ -46,8 +46,8 @@ def _shards_verdict(view, rank, case, key, bias_shape, rows=None):
     master, mine, bounds = _shard_of(case, rank, view.size, rows)
     weight = view.tensor(rank, key, "weight")
     text = mismatch(weight, mine, f".weight (this rank's {names} of master_weight)",
-                      shapes=[(master.shape, f"the whole master_weight: keep this rank's "
-                                             f"{names} only")],
+                    shapes=[(master.shape, f"the whole master_weight: keep this rank's "
+                                           f"{names} only")],
                       suspects=tensors.other_shards(master, bounds, rank, case.axis, names))
     if text:
         return text
@@ -112,19 +112,19 @@ def column_forward(view):
     def forward(rank):
         lo, hi = _bounds(view, case, rank)
         return mismatch(view.tensor(rank, "y"), dense, "the output (gather_output=True)",
-                          shapes=[tensors.local_shard((data.BATCH, hi - lo))],
-                          suspects=[(tensors.linear(case.x, case.master(rank, view.size), case.b),
-                                     tensors.DENSE_ON_RANK)])
+                        shapes=[tensors.local_shard((data.BATCH, hi - lo))],
+                        suspects=[(tensors.linear(case.x, case.master(rank, view.size), case.b),
+                                   tensors.DENSE_ON_RANK)])
     view.each("column.forward", forward)
 
     def forward_nd(rank):
         width = _bounds(view, case, rank)[1] - _bounds(view, case, rank)[0]
         return first(
             mismatch(view.tensor(rank, "y1"), tensors.linear(case.x[0], case.w, case.b),
-                       "the output for a 1-D input", shapes=[tensors.local_shard((width,))]),
+                     "the output for a 1-D input", shapes=[tensors.local_shard((width,))]),
             mismatch(view.tensor(rank, "y3"), tensors.linear(case.x3, case.w, case.b),
-                       "the output for a 3-D input",
-                       shapes=[tensors.local_shard((*case.x3.shape[:-1], width))]))
+                     "the output for a 3-D input",
+                     shapes=[tensors.local_shard((*case.x3.shape[:-1], width))]))
     view.each("column.forward_nd", forward_nd)
     counts(view, "counts.column_gather", "counts", {"allgather": 1})
 
@@ -230,7 +230,7 @@ def mlp_backward(view):
     view.each("mlp.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), dense["dx"], "dL/dx of the MLP", missing=NOT_CONNECTED,
         suspects=[tensors.own_term_only(dense["dh"][:, part(r)] @ case.fc1.w[part(r)],
-                                  "fc1's input must go through copy_to_tp_region (f)")]))
+                                        "fc1's input must go through copy_to_tp_region (f)")]))
     counts(view, "counts.mlp_backward", "counts", {"allreduce": 1})
 
 

@@ -39,11 +39,11 @@ class Case:
     def attention(self, upstream=False):
         P = self.P
         return attention_dense.attention(self.x, P["wq"], P["wk"], P["wv"], P["wo"], self.heads, self.kv,
-                            self.causal, P["bo"], self.g if upstream else None)
+                                         self.causal, P["bo"], self.g if upstream else None)
 
     def layer(self, upstream=False):
         return attention_dense.layer(self.x, self.P, self.heads, self.kv, self.causal, 1e-5,
-                        self.g if upstream else None)
+                                     self.g if upstream else None)
 
 
 def attention_cases(seed, step) -> list[Case]:

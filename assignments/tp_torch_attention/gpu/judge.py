@@ -1,6 +1,6 @@
 """The grader side of tp_torch_attention's units: verdicts on what the ranks reported
 (gpu/observe.py), against the assignment's float64 references (dense.py), through
-tpgrade.tensors, as gpu_runner.judge says. numpy only.
+tpgrade.verdict, as gpu_runner.judge says. numpy only.
 
 The TP overhead measurement (overhead.measure) is judged on three properties, each a sub-check
 of gpu_timing, with the amounts of gpu/data.py:
@@ -35,7 +35,7 @@ from . import plan
 
 def _grad(view, rank, key, want, what, **diagnoses):
     return mismatch(view.tensor(rank, "grads", key), want, what, missing=NOT_CONNECTED,
-                      **diagnoses)
+                    **diagnoses)
 
 
 # -- ParallelAttention ------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def _partial_only(case, rank, size):
 
 def _forward_suspects(view, case, dense, rank):
     found = [tensors.bias_every_rank(dense, case.P["bo"], view.size), _partial_only(case, rank,
-                                                                              view.size)]
+                                                                                    view.size)]
     if case.causal:
         P, args = case.P, (case.x, case.P["wq"], case.P["wk"], case.P["wv"], case.P["wo"],
                            case.heads, case.kv)
@@ -90,7 +90,7 @@ def attention_backward(view):
     view.each("attention.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), ref.dx, "dL/dx", missing=NOT_CONNECTED,
         suspects=[tensors.own_term_only(attention_dense.own_heads(case.x, case.P, case.heads, case.kv, r, view.size,
-                                               case.causal, case.g).dx,
+                                                                  case.causal, case.g).dx,
                                   "the QKV projection's input must go through copy_to_tp_region "
                                   "(f)")]))
     view.each("attention.grad_qkv", lambda r: _attention_grads(view, r, ref)[0])
@@ -124,7 +124,7 @@ def layer_backward(view):
         return slice(*balanced(data.FFN, view.size)[rank])
 
     view.each("layer.grad_input", lambda r: mismatch(view.tensor(r, "gx"), ref.dx, "dL/dx",
-                                                       missing=NOT_CONNECTED))
+                                                     missing=NOT_CONNECTED))
     view.each("layer.grad_norms", lambda r: first(*(
         _grad(view, r, key, p[key], f"{name}.grad (LayerNorm is replicated: the full gradient "
                                     f"on every rank)")

@@ -1,6 +1,6 @@
 """tp_torch_sequence's units, the grader side: every verdict, from what the ranks reported,
 against the assignment's dense float64 references (dense.py) recomputed here from its data's
-seeds (gpu/data.py), through tpgrade.tensors (the notebook's verdict layer: tolerance, shape
+seeds (gpu/data.py), through tpgrade.verdict (the notebook's verdict core: tolerance, shape
 rule, messages). numpy only.
 
 The collectives are judged from each rank's trace (gpu_runner.collective_trace): the KIND and
@@ -126,7 +126,7 @@ def seqmap(view, which):
         def forward(rank, s=s, tag=tag):
             want, _ = _mapping_want(which, case, s, rank, view.size)
             return mismatch(view.tensor(rank, f"y{tag}"), want, f"{fn}'s output ({s} tokens)",
-                              shapes=_mapping_shapes(which, case, s, rank, view.size))
+                            shapes=_mapping_shapes(which, case, s, rank, view.size))
 
         def backward(rank, s=s, tag=tag):
             _, want = _mapping_want(which, case, s, rank, view.size)
@@ -134,9 +134,9 @@ def seqmap(view, which):
                          "only this rank's upstream gradient: the gather's backward must "
                          "reduce-scatter (sum over the ranks)")] if which == "gather" else []
             return mismatch(view.tensor(rank, f"gx{tag}"), want,
-                              f"the input's gradient through {fn} ({s} tokens)",
-                              missing=f"{runner_judge.NOT_CONNECTED} (a collective without its autograd "
-                                      f"twin?)", suspects=suspects)
+                            f"the input's gradient through {fn} ({s} tokens)",
+                            missing=f"{runner_judge.NOT_CONNECTED} (a collective without its autograd "
+                                    f"twin?)", suspects=suspects)
         view.each(f"seqmap.{which}_forward", forward)
         view.each(f"seqmap.{which}_backward", backward)
     expected = {"gather": ({"allgather": 1}, {"reducescatter": 1}),
@@ -150,7 +150,7 @@ def seqmap(view, which):
 def _block(view):
     case = data.block(view.seed)
     return case, sequence_dense.sp_block(case.x, case.ln_w, case.ln_b, case.w1, case.b1, case.w2, case.b2,
-                            case.g, data.EPS)
+                                         case.g, data.EPS)
 
 
 def sp_forward(view):
@@ -180,9 +180,9 @@ def sp_backward(view):
     view.each("sp.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), dense["dx"][tokens(r)], "dL/dx of this rank's tokens",
         missing=runner_judge.NOT_CONNECTED, suspects=[(sequence_dense.mlp_input_grad_twice(dense, tokens(r), size),
-                                            f"the MLP's part counted {size} times: fc1 called "
-                                            f"as a layer after the gather (its f all-reduces "
-                                            f"what the reduce-scatter sums again)")]))
+                                                       f"the MLP's part counted {size} times: fc1 called "
+                                                       f"as a layer after the gather (its f all-reduces "
+                                                       f"what the reduce-scatter sums again)")]))
     view.each("sp.grad_weights", lambda r: runner_judge.first(
         grad(r, "w1", dense["dw1"][units(r)], "fc1.weight.grad (its rows of the dense one)"),
         grad(r, "w2", dense["dw2"][:, units(r)], "fc2.weight.grad (its columns of the dense "
@@ -196,9 +196,9 @@ def sp_backward(view):
         own = sequence_dense.own_token_grads(dense, tokens(rank))
         gathered = sequence_dense.layer_norm_grads_gathered(dense, case.w1, units(rank))
         return runner_judge.first(*(mismatch(view.tensor(rank, "grads", key), own[key],
-                                     f"{name} (over this rank's own tokens)",
-                                     missing=runner_judge.NOT_CONNECTED,
-                                     suspects=[(wrong, sequence_dense.LAYERNORM_GATHERED)])
+                                              f"{name} (over this rank's own tokens)",
+                                              missing=runner_judge.NOT_CONNECTED,
+                                              suspects=[(wrong, sequence_dense.LAYERNORM_GATHERED)])
                           for key, wrong, name in (("ln_w", gathered[0], "ln.weight.grad"),
                                                    ("ln_b", gathered[1], "ln.bias.grad"))))
     view.each("sp.grad_layernorm", layernorm)
@@ -228,9 +228,9 @@ def _emb_weight(view, rank, key, table, master, what):
     rec = view.obs(rank, key)
     got = records.tensor(rec)
     text = mismatch(got, master[lo:hi], what,
-                      shapes=[(master.shape, "the whole table: keep this rank's rows only")],
-                      suspects=tensors.other_shards(master, data.balanced(len(table), view.size), rank,
-                                              0, "rows"))
+                    shapes=[(master.shape, "the whole table: keep this rank's rows only")],
+                    suspects=tensors.other_shards(master, data.balanced(len(table), view.size), rank,
+                                            0, "rows"))
     if not text and not rec.get("parameter"):
         return ".weight is not an nn.Parameter"
     return text
@@ -279,9 +279,9 @@ def emb_backward(view):
     def verdict(rank):
         lo, hi = data.balanced(data.VOCAB, view.size)[rank]
         return mismatch(view.tensor(rank, "gw"), grad[lo:hi], ".weight.grad (this rank's rows "
-                          "of the dense table gradient)", missing=runner_judge.NOT_CONNECTED, suspects=[
-                              (sequence_dense.embedding_grad_leak(grad[lo:hi], case.ids, case.g, lo, hi),
-                               sequence_dense.EMB_GRAD_LEAK)])
+                        "of the dense table gradient)", missing=runner_judge.NOT_CONNECTED, suspects=[
+                            (sequence_dense.embedding_grad_leak(grad[lo:hi], case.ids, case.g, lo, hi),
+                             sequence_dense.EMB_GRAD_LEAK)])
     view.each("emb.grad_weight", verdict)
     _traced_counts(view, "seqcounts.emb_backward", "counts", {})
 
