@@ -1,8 +1,8 @@
 """What comes back from the student's process is checked whole before any comparison reads it
 (tpgrade.replies, in tpgrade._torch_trusted.run_on_ranks): every rank check of every torch
-notebook (the registry's torch assignments), fed a reply of the wrong shape (no list, an empty list, fewer or more ranks' results,
-the wrong number of values, values of the wrong kind), fails with a message saying what came
-back, never passes. In-process and fast: the student's process is a stand-in whose
+notebook (the registry's torch assignments), fed a reply of the wrong shape (no list, an empty
+list, fewer or more ranks' results, the wrong number of values, values of the wrong kind),
+fails with a message saying what came back, never passes. In-process and fast: the student's process is a stand-in whose
 `run_on_ranks` returns the forged reply, the route the judge's replies take (tpjudge.student).
 That the reference's genuine replies pass the same validation is tests/test_catalogue.py's
 (every catalogue's reference at full marks through the judge)."""

@@ -6,15 +6,15 @@ a short call::
     from assignments.<name> import checks as check      # in a test cell
     check.column_matches_dense(column_parallel)
 
-This package holds what they share: the verdict core (`verdict`: one tolerance rule family and
-one message format for every check, numpy and torch), what the torch checks expect back from the
-ranks, validated whole before any comparison (`replies`), the torch layers' diagnoses, test data
-and dense references (`tensors`), the test data (`cases`), the harness every check runs in (`_harness`,
-`_layers`, `_trusted`, `_torch_trusted`), the dense attention math two assignments use
-(`_attention_dense`), the self-check cells' runner (`selfcheck`) and an in-process runner of a
-notebook for tests (`offline`). Each check raises an AssertionError whose message names the
-mistake ("expected shape (3, 6), got (3, 3); probably only the local shard was returned") and prints
-nothing on success. In a notebook the message shows alone, wrapped (_harness.show_verdicts),
+This package holds what they share: the verdict core (`verdict`: one tolerance rule family
+and one message format for every check, numpy and torch), what the torch checks expect back
+from the ranks, validated whole before any comparison (`replies`), the torch layers'
+diagnoses, test data and references (`tensors`), the test data (`cases`), the dense float64
+reference math (`dense`; `_attention_dense` adds error scales), the harness every check runs
+in (`_harness`, `_layers`, `_trusted`, `_torch_trusted`), the self-check cells' runner
+(`selfcheck`) and an in-process runner of a notebook for tests (`offline`). Each check raises
+an AssertionError whose message names the mistake ("expected shape (3, 6), got (3, 3);
+probably only the local shard was returned") and prints nothing on success. In a notebook the message shows alone, wrapped (_harness.show_verdicts),
 and `tpgrade.selfcheck.run` (the self-check cells) runs every check of an exercise, hidden
 tests included, and reports.
 

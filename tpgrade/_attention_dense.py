@@ -2,8 +2,9 @@
 
 An error scale S bounds, in units of the working precision, how far a correct implementation
 may be from the exact value: the checks allow |got - want| <= ~1e-12 S in float64
-(tpgrade.verdict, its TERMS tolerance). It is built from absolute values (|x| @ |W|.T, ...), so it does not shrink
-when terms cancel, and it is carried through each step next to the value, in first order:
+(tpgrade.verdict, its TERMS tolerance). It is built from absolute values (|x| @ |W|.T, ...),
+so it does not shrink when terms cancel, and it is carried through each step next to the
+value, in first order:
 
 * a product a @ W.T: (|a| + S_a) @ |W|.T (its own rounding plus a's error);
 * scores: S_s = (S_q @ |k|.T + |q| @ S_k.T + |q| @ |k|.T) / sqrt(d); a score error e changes

@@ -74,10 +74,10 @@ class Number(Reply):
         return self.what
 
     def check(self, value, where):
-        kinds = (int,) if self.integer else (int, float)
+        kinds, expected = ((int,), "an int") if self.integer else ((int, float), "a number")
         if isinstance(value, bool) or not isinstance(value, kinds):
-            fail(says(f"{where}: {self.what}", f"came back as a {type(value).__name__}, "
-                                               f"expected {'an int' if self.integer else 'a number'}"))
+            fail(says(f"{where}: {self.what}", f"came back as {_kind(value)}, expected "
+                                               f"{expected}"))
         return value
 
 

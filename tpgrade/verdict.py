@@ -223,7 +223,8 @@ def changed(before, after, label, depth=0) -> str:
             return ""
         if isinstance(before, dict):
             if set(after) != set(before):
-                return f"{label} changed keys {sorted(map(str, before))} -> {sorted(map(str, after))}"
+                return (f"{label} changed keys {sorted(map(str, before))} -> "
+                        f"{sorted(map(str, after))}")
             pairs = [(f"{label}[{k!r}]", before[k], after[k]) for k in before]
         else:
             pairs = [(f"{label}[{i}]", b, a) for i, (b, a) in enumerate(zip(before, after))]

@@ -373,9 +373,10 @@ def mlp_backward(ParallelMLP):
     per_rank, (x, w1, *_), dense = _mlp_run(ParallelMLP)
     for rank, (_, x_grad, w1_grad, w2_grad) in enumerate(per_rank):
         part = slice(3 * rank, 3 * rank + 3)
+        own = dense["dh"][:, part] @ w1[part].astype(trusted.float64)
         _check(rank, x_grad, dense["dx"], "dL/dx of the MLP", missing=_NOT_CONNECTED,
-               suspects=[tensors.own_term_only(dense["dh"][:, part] @ w1[part].astype(trusted.float64),
-                                               "fc1's input must go through copy_to_tp_region (f)")])
+               suspects=[tensors.own_term_only(own, "fc1's input must go through "
+                                                    "copy_to_tp_region (f)")])
         _check(rank, w1_grad, dense["dw1"][part], f"fc1.weight.grad (rows {part.start}.."
                f"{part.stop - 1} of the dense W1 gradient)", missing=_NOT_CONNECTED)
         _check(rank, w2_grad, dense["dw2"][:, part], f"fc2.weight.grad (columns {part.start}.."

@@ -6,8 +6,8 @@ Each public function is one graded test cell (`from assignments.tp_torch_attenti
 checks as check; check.attention_forward(ParallelAttention)`), as in tp_torch's checks: the
 ranks (module-level functions here, forked by run_on_ranks) build the student's layer from
 numpy data, run it and return numpy arrays, checked whole (tpgrade.replies) before the verdict
-is decided in the caller with tpgrade.verdict against the float64 references of this assignment's dense.py. Every rank gets
-its own master weights: the true rows (columns for Wo) of its heads, noise elsewhere, so a rank
+is decided in the caller with tpgrade.verdict against the float64 references of this
+assignment's dense.py. Every rank gets its own master weights: the true rows (columns for Wo) of its heads, noise elsewhere, so a rank
 that computes more than its heads gets a wrong answer. Sizes: hidden 6, 3 query heads of size
 2 and 1 KV head on 2 ranks (heads 2 + 1, the KV head replicated on both).
 
@@ -77,7 +77,8 @@ def _weights(seed, ffn=None):
 
 
 def _masters(P, seed):
-    return [attention_dense.master_weights(P, rank, RANKS, HEADS, KV, seed) for rank in range(RANKS)]
+    return [attention_dense.master_weights(P, rank, RANKS, HEADS, KV, seed)
+            for rank in range(RANKS)]
 
 
 def _set(param, value):
@@ -94,7 +95,8 @@ def _projection_shards(QKVParallelLinear, OutputParallelLinear, wq, wk, wv, wo):
 
 
 def _recognisable(rows, cols, start):
-    return (trusted.arange(rows * cols, dtype=trusted.float32).reshape(rows, cols) + start).astype(trusted.float32)
+    grid = trusted.arange(rows * cols, dtype=trusted.float32).reshape(rows, cols)
+    return (grid + start).astype(trusted.float32)
 
 
 _SHARDS_REPLY = replies.ranks(RANKS, replies.tensors("qkv.weight", "qkv.bias", "proj.weight",
@@ -113,31 +115,33 @@ def projection_shards(QKVParallelLinear, OutputParallelLinear):
                             wq, wk, wv, wo, timeout=TIMEOUT, reply=_SHARDS_REPLY)
     for rank, (w_qkv, b_qkv, w_out, b_out) in enumerate(per_rank):
         (a, z), (ka, kz) = attention_dense.head_ranges(HEADS, KV, rank, RANKS)
-        want = trusted.asarray(list(wq[a * d:z * d]) + list(wk[ka * d:kz * d]) + list(wv[ka * d:kz * d]))
+        kv_rows = list(wk[ka * d:kz * d]) + list(wv[ka * d:kz * d])
+        want = trusted.asarray(list(wq[a * d:z * d]) + kv_rows)
         lo, hi = balanced(HEADS * d, RANKS)[rank]
-        cut = trusted.asarray(list(wq[lo:hi]) + list(wk[ka * d:kz * d]) + list(wv[ka * d:kz * d]))
+        cut = trusted.asarray(list(wq[lo:hi]) + kv_rows)
         text = verdict.mismatch(w_qkv, want.astype(trusted.float64),
-                                "qkv.weight (this rank's q rows, then its KV heads' k rows, then v rows)",
+                                "qkv.weight (this rank's q rows, then its KV heads' k rows, "
+                                "then v rows)",
                                 shapes=[(cut.shape, "the q rows split by features, not by heads: "
                                                     "a head is cut between ranks"),
-                                  (((HEADS + 2 * KV) * d, HIDDEN), "the whole fused weight: "
-                                                                   "keep this rank's heads only")])
+                                        (((HEADS + 2 * KV) * d, HIDDEN), "the whole fused weight: "
+                                                                         "keep this rank's heads "
+                                                                         "only")])
         if text:
             fail(f"{verdict.where(rank, RANKS)}: {text}")
         if b_qkv is not None:
             fail(f"{verdict.where(rank, RANKS)}: qkv has a bias: the QKV projection has none here "
                  f"(register_parameter('bias', None), or no .bias at all)")
-        text = verdict.mismatch(w_out,
-                                wo[:, a * d:z * d].astype(trusted.float64),
+        text = verdict.mismatch(w_out, wo[:, a * d:z * d].astype(trusted.float64),
                                 "proj.weight (this rank's heads' columns of wo)",
-                                shapes=[(wo.shape, "the whole wo: keep this rank's heads' columns")])
+                                shapes=[(wo.shape, "the whole wo: keep this rank's heads' "
+                                                   "columns")])
         if text:
             fail(f"{verdict.where(rank, RANKS)}: {text}")
-        bias = b_out
-        if verdict.shape(bias) != (HIDDEN,):
-            fail(f"{verdict.where(rank, RANKS)}: proj.bias should be the FULL bias, shape ({HIDDEN},); "
-                 f"got {verdict.shape(bias)}")
-        text = tensors.zero_init(bias, "proj.bias")
+        if verdict.shape(b_out) != (HIDDEN,):
+            fail(f"{verdict.where(rank, RANKS)}: proj.bias should be the FULL bias, shape "
+                 f"({HIDDEN},); got {verdict.shape(b_out)}")
+        text = tensors.zero_init(b_out, "proj.bias")
         if text:
             fail(f"{verdict.where(rank, RANKS)}: {text}")
 
@@ -161,8 +165,8 @@ def _attention_suspects(P, x, causal, dense):
     """(output, why) of the classic mistakes, from the dense reference."""
     found = [tensors.bias_every_rank(dense, P["bo"], RANKS)]
     if causal:
-        found.append((attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, False,
-                                                P["bo"]).y,
+        found.append((attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV,
+                                                False, P["bo"]).y,
                       "no causal mask: query i must not see keys j > i (mask the scores with "
                       "-inf before the softmax)"))
     return found
@@ -175,7 +179,8 @@ def attention_forward(ParallelAttention):
     P, x, g = _weights(601)
     masters = _masters(P, 611)
     for causal in (False, True):
-        dense = attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, causal, P["bo"]).y
+        dense = attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, causal,
+                                          P["bo"]).y
         per_rank = run_on_ranks(_attention, RANKS, ParallelAttention, masters, P["bo"], x, g,
                                 causal, False, timeout=TIMEOUT,
                                 reply=replies.ranks(RANKS, replies.Tensor("the output")))
@@ -197,7 +202,8 @@ def attention_backward(ParallelAttention):
     of the replicated KV head), proj.weight.grad (its columns), proj.bias.grad."""
     P, x, g = _weights(621)
     masters = _masters(P, 631)
-    ref = attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, True, P["bo"], g)
+    ref = attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], HEADS, KV, True,
+                                    P["bo"], g)
     per_rank = run_on_ranks(_attention, RANKS, ParallelAttention, masters, P["bo"], x, g, True,
                             True, timeout=TIMEOUT, reply=_ATTENTION_GRADS)
     for rank, (_, gx, gqkv, gw, gb) in enumerate(per_rank):
@@ -252,7 +258,8 @@ def layer_forward(ParallelTransformerLayer):
     """2 ranks, causal: the dense pre-LN layer's output on every rank."""
     P, ref, per_rank = _layer_run(ParallelTransformerLayer, 641)
     for rank, (y, *_) in enumerate(per_rank):
-        text = verdict.mismatch(y, ref.y, "ParallelTransformerLayer's output (x + attention(LN1(x)), "
+        text = verdict.mismatch(y, ref.y,
+                                "ParallelTransformerLayer's output (x + attention(LN1(x)), "
                                 "then h + MLP(LN2(h)))",
                                 suspects=[tensors.bias_every_rank(ref.y, P["b2"], RANKS)])   # fc2's
         if text:

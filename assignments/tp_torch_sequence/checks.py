@@ -7,8 +7,8 @@ Each public function is one graded test cell (`from assignments.tp_torch_sequenc
 checks as check; check.layer_sp_forward(LayerSP)`): it raises an AssertionError whose message names the mistake
 and prints nothing when the solution is right. The ranks (module-level functions below, forked
 by run_on_ranks: in the student's process under the judge) build the student's layers from
-numpy data and send back arrays; every verdict is made here, with tpgrade.verdict, on replies checked whole first
-(tpgrade.replies).
+numpy data and send back arrays; every verdict is made here, with tpgrade.verdict, on replies
+checked whole first (tpgrade.replies).
 """
 from __future__ import annotations
 
@@ -133,7 +133,8 @@ def _only(full, rows):
 def _sp_case():
     x, w1, b1, w2, b2, g = tensors.f32((SEQ, 2, HIDDEN), (FFN, HIDDEN), (FFN,), (HIDDEN, FFN),
                                        (HIDDEN,), (SEQ, 2, HIDDEN), seed=61)
-    ln_w, ln_b = (1.0 + 0.5 * tensors.f32((HIDDEN,), seed=62)[0]), tensors.f32((HIDDEN,), seed=63)[0]
+    ln_w = 1.0 + 0.5 * tensors.f32((HIDDEN,), seed=62)[0]
+    ln_b = tensors.f32((HIDDEN,), seed=63)[0]
     return x, ln_w, ln_b, w1, b1, w2, b2, g
 
 
@@ -160,8 +161,10 @@ _SP_REPLY = replies.ranks(RANKS, replies.tensors(
 
 def _sp_run(LayerSP):
     x, ln_w, ln_b, w1, b1, w2, b2, g = case = _sp_case()
-    masters = ([tensors.noisy_master(w1, *balanced(FFN, RANKS)[r], 0, 701 + r) for r in range(RANKS)],
-               [tensors.noisy_master(w2, *balanced(FFN, RANKS)[r], 1, 711 + r) for r in range(RANKS)])
+    masters = ([tensors.noisy_master(w1, *balanced(FFN, RANKS)[r], 0, 701 + r)
+                for r in range(RANKS)],
+               [tensors.noisy_master(w2, *balanced(FFN, RANKS)[r], 1, 711 + r)
+                for r in range(RANKS)])
     got = run_on_ranks(_layer_sp, RANKS, LayerSP, x, ln_w, ln_b, masters[0], b1, masters[1], b2,
                        g, timeout=TIMEOUT, reply=_SP_REPLY)
     return got, case, sequence_dense.sp_block(x, ln_w, ln_b, w1, b1, w2, b2, g)
@@ -204,7 +207,8 @@ def layer_sp_backward(LayerSP):
         for got, want, wrong, name in ((gln_w, own["ln_w"], gathered[0], "ln.weight.grad"),
                                        (gln_b, own["ln_b"], gathered[1], "ln.bias.grad")):
             _check(rank, got, want, f"{name} (the dense LayerNorm gradient over this rank's "
-                   f"tokens only)", missing=_NOT_CONNECTED, suspects=[(wrong, sequence_dense.LAYERNORM_GATHERED)])
+                   f"tokens only)", missing=_NOT_CONNECTED,
+                   suspects=[(wrong, sequence_dense.LAYERNORM_GATHERED)])
 
 
 
@@ -216,7 +220,8 @@ def _emb_case():
 
 
 def _emb_masters(table):
-    return [tensors.noisy_master(table, *balanced(VOCAB, RANKS)[r], 0, 801 + r) for r in range(RANKS)]
+    return [tensors.noisy_master(table, *balanced(VOCAB, RANKS)[r], 0, 801 + r)
+            for r in range(RANKS)]
 
 
 def _embedding(VocabParallelEmbedding, masters, ids, g):
@@ -350,8 +355,8 @@ def ce_large_logits(vocab_parallel_cross_entropy):
     for rank, (got, got_grad) in enumerate(per_rank):
         mine = _rows(VOCAB, rank)
         if got is not None and not bool((abs(got) < float("inf")).all()):
-            fail(f"{verdict.where(rank, RANKS)}: the loss of logits ~1e4 is {verdict.show(got)}: exp "
-                 f"overflowed; subtract the largest logit of ALL ranks (an all-reduce MAX) "
+            fail(f"{verdict.where(rank, RANKS)}: the loss of logits ~1e4 is {verdict.show(got)}: "
+                 f"exp overflowed; subtract the largest logit of ALL ranks (an all-reduce MAX) "
                  f"before exp")
         _check(rank, got, loss, "the per-token loss of logits ~1e4")
         _check(rank, got_grad, grad[:, mine], "the logits' gradient for logits ~1e4",

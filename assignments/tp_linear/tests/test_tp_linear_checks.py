@@ -27,7 +27,8 @@ def test_check_failures_are_assertion_errors():
 def test_local_shard_is_named(linear_ns):
     def local_shard(x, W, num_ranks, b=None):
         return x @ W[: W.shape[0] // num_ranks].T
-    with pytest.raises(CheckFailed, match=r"expected shape \(3, 6\), got \(3, 3\); probably only the local shard"):
+    with pytest.raises(CheckFailed, match=r"expected shape \(3, 6\), got \(3, 3\); probably "
+                                          r"only the local shard"):
         linear.column_small(local_shard)
 
 

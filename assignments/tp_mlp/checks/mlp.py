@@ -157,7 +157,8 @@ def mlp_dtype(mlp_tp):
         x, W1, W2 = arrays(390 + i, (5, 6), (24, 6), (6, 24), dtype=trusted.float32)
         got = _mlp_case(mlp_tp, x, W1, W2, p, dtype=trusted.float32)
         with_dtype(got, trusted.float32, describe("mlp_tp", p, x=x, W1=W1, W2=W2))
-        x, W1, W2, b1, b2 = arrays(395 + i, (5, 6), (24, 6), (6, 24), (24,), (6,), dtype=trusted.float32)
+        x, W1, W2, b1, b2 = arrays(395 + i, (5, 6), (24, 6), (6, 24), (24,), (6,),
+                                   dtype=trusted.float32)
         got = call(mlp_tp, "mlp_tp", (x, W1, W2, p), {"b1": b1, "b2": b2})
         with_dtype(got, trusted.float32, describe("mlp_tp", p, x=x, W1=W1, W2=W2, b1=b1, b2=b2))
 

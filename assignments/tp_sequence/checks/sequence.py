@@ -225,7 +225,8 @@ def sp_layernorm_on_shard(layer_sp):
                  f"each rank does s_r tokens' work; normalizing the gathered (s, ..., h) "
                  f"tensor repeats it on every rank and keeps the replicated activation that "
                  f"SP is there to remove)")
-        expect_pieces(gather, [u for u, _ in normed], [sc for _, sc in normed], trusted.float64, name,
+        expect_pieces(gather, [u for u, _ in normed], [sc for _, sc in normed], trusted.float64,
+                      name,
                       "normalized tokens layer_norm(x_r) (s_r, ..., h)")
 
 

@@ -38,7 +38,8 @@ class Case:
 
     def attention(self, upstream=False):
         P = self.P
-        return attention_dense.attention(self.x, P["wq"], P["wk"], P["wv"], P["wo"], self.heads, self.kv,
+        return attention_dense.attention(self.x, P["wq"], P["wk"], P["wv"], P["wo"], self.heads,
+                                         self.kv,
                                          self.causal, P["bo"], self.g if upstream else None)
 
     def layer(self, upstream=False):

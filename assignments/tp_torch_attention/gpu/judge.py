@@ -52,9 +52,11 @@ def _forward_suspects(view, case, dense, rank):
     if case.causal:
         P, args = case.P, (case.x, case.P["wq"], case.P["wk"], case.P["wv"], case.P["wo"],
                            case.heads, case.kv)
-        found += [(attention_dense.attention(*args, False, P["bo"]).y, "no causal mask: query i must not "
+        found += [(attention_dense.attention(*args, False, P["bo"]).y,
+                   "no causal mask: query i must not "
                    "see keys j > i"),
-                  (attention_dense.attention(*args, True, P["bo"], mask_after=True).y, "the mask was applied "
+                  (attention_dense.attention(*args, True, P["bo"], mask_after=True).y,
+                   "the mask was applied "
                    "after the softmax: mask the scores with -inf before it, so that each row's "
                    "weights sum to 1")]
     return found
@@ -89,7 +91,8 @@ def attention_backward(view):
     ref = case.attention(upstream=True)
     view.each("attention.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), ref.dx, "dL/dx", missing=NOT_CONNECTED,
-        suspects=[tensors.own_term_only(attention_dense.own_heads(case.x, case.P, case.heads, case.kv, r, view.size,
+        suspects=[tensors.own_term_only(attention_dense.own_heads(case.x, case.P, case.heads,
+                                                                  case.kv, r, view.size,
                                                                   case.causal, case.g).dx,
                                   "the QKV projection's input must go through copy_to_tp_region "
                                   "(f)")]))

@@ -64,7 +64,8 @@ def test_the_dense_references_equal_torch_autograd(H, G, causal):
         (_torch_layer(tx, T, H, G, causal, with_mlp) * torch.tensor(g, dtype=torch.float64)).sum() \
             .backward()
         ref = (attention_dense.layer(x, P, H, G, causal, 1e-5, g) if with_mlp else
-               attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], H, G, causal, P["bo"], g))
+               attention_dense.attention(x, P["wq"], P["wk"], P["wv"], P["wo"], H, G, causal,
+                                         P["bo"], g))
         attn = ref.attention if with_mlp else ref
         assert np.allclose(ref.dx, tx.grad.numpy(), atol=1e-12)
         assert np.allclose(attn.dwq, T["wq"].grad.numpy(), atol=1e-12)
@@ -92,7 +93,8 @@ def test_the_ranks_shares_add_up_to_the_dense_gradients():
         assert np.allclose(rows[:(z - a) * d], ref.dwq[a * d:z * d])
         dk[ka * d:kz * d] += rows[(z - a) * d:(z - a + kz - ka) * d]
         dx = dx + attention_dense.own_heads(x, P, 6, 2, rank, p, True, g).dx
-    assert attention_dense.head_ranges(6, 2, 1, 4) == ((2, 4), (0, 2))     # rank 1 reads both KV heads
+    # rank 1 reads both KV heads
+    assert attention_dense.head_ranges(6, 2, 1, 4) == ((2, 4), (0, 2))
     assert np.allclose(dk, attention_dense.dense_wk(ref, "k")) and np.allclose(dx, ref.dx)
 
 

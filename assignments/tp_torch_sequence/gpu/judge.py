@@ -135,8 +135,8 @@ def seqmap(view, which):
                          "reduce-scatter (sum over the ranks)")] if which == "gather" else []
             return mismatch(view.tensor(rank, f"gx{tag}"), want,
                             f"the input's gradient through {fn} ({s} tokens)",
-                            missing=f"{runner_judge.NOT_CONNECTED} (a collective without its autograd "
-                                    f"twin?)", suspects=suspects)
+                            missing=f"{runner_judge.NOT_CONNECTED} (a collective without its "
+                                    f"autograd twin?)", suspects=suspects)
         view.each(f"seqmap.{which}_forward", forward)
         view.each(f"seqmap.{which}_backward", backward)
     expected = {"gather": ({"allgather": 1}, {"reducescatter": 1}),
@@ -149,7 +149,8 @@ def seqmap(view, which):
 # -- LayerSP ---------------------------------------------------------------------------------
 def _block(view):
     case = data.block(view.seed)
-    return case, sequence_dense.sp_block(case.x, case.ln_w, case.ln_b, case.w1, case.b1, case.w2, case.b2,
+    return case, sequence_dense.sp_block(case.x, case.ln_w, case.ln_b, case.w1, case.b1, case.w2,
+                                         case.b2,
                                          case.g, data.EPS)
 
 
@@ -158,7 +159,8 @@ def sp_forward(view):
     view.each("sp.forward", lambda r: mismatch(
         view.tensor(r, "y"), dense["y"][data.rows(data.SEQ, r, view.size)],
         "LayerSP's output (this rank's tokens of the dense block)",
-        shapes=[((data.SEQ, data.BATCH, data.SP_DIMS[0]), "every token returned: each rank keeps its "
+        shapes=[((data.SEQ, data.BATCH, data.SP_DIMS[0]),
+                 "every token returned: each rank keeps its "
                                                  "own tokens")],
         suspects=[(dense["y"][data.rows(data.SEQ, r, view.size)] + (view.size - 1) * case.b2,
                    "fc2's bias counted on every rank before the reduce-scatter")]))
@@ -170,7 +172,8 @@ def sp_backward(view):
     size = view.size
 
     def grad(rank, key, want, what):
-        return mismatch(view.tensor(rank, "grads", key), want, what, missing=runner_judge.NOT_CONNECTED)
+        return mismatch(view.tensor(rank, "grads", key), want, what,
+                        missing=runner_judge.NOT_CONNECTED)
 
     def units(rank):
         return data.rows(data.SP_DIMS[1], rank, size)
@@ -179,10 +182,10 @@ def sp_backward(view):
         return data.rows(data.SEQ, rank, size)
     view.each("sp.grad_input", lambda r: mismatch(
         view.tensor(r, "gx"), dense["dx"][tokens(r)], "dL/dx of this rank's tokens",
-        missing=runner_judge.NOT_CONNECTED, suspects=[(sequence_dense.mlp_input_grad_twice(dense, tokens(r), size),
-                                                       f"the MLP's part counted {size} times: fc1 called "
-                                                       f"as a layer after the gather (its f all-reduces "
-                                                       f"what the reduce-scatter sums again)")]))
+        missing=runner_judge.NOT_CONNECTED,
+        suspects=[(sequence_dense.mlp_input_grad_twice(dense, tokens(r), size),
+                   f"the MLP's part counted {size} times: fc1 called as a layer after the "
+                   f"gather (its f all-reduces what the reduce-scatter sums again)")]))
     view.each("sp.grad_weights", lambda r: runner_judge.first(
         grad(r, "w1", dense["dw1"][units(r)], "fc1.weight.grad (its rows of the dense one)"),
         grad(r, "w2", dense["dw2"][:, units(r)], "fc2.weight.grad (its columns of the dense "
@@ -229,7 +232,8 @@ def _emb_weight(view, rank, key, table, master, what):
     got = records.tensor(rec)
     text = mismatch(got, master[lo:hi], what,
                     shapes=[(master.shape, "the whole table: keep this rank's rows only")],
-                    suspects=tensors.other_shards(master, data.balanced(len(table), view.size), rank,
+                    suspects=tensors.other_shards(master, data.balanced(len(table), view.size),
+                                                  rank,
                                             0, "rows"))
     if not text and not rec.get("parameter"):
         return ".weight is not an nn.Parameter"
@@ -265,10 +269,12 @@ def emb_forward(view):
         dense, _ = sequence_dense.embedding(case.table, case.ids, case.g)
         view.each(name, lambda r, tag=tag, vocab=vocab, case=case, dense=dense: mismatch(
             view.tensor(r, f"y{tag}"), dense, f"the embeddings (table[token_ids], V = {vocab})",
-            suspects=[(sequence_dense.embedding_unmasked(case.table, case.ids, view.size), sequence_dense.EMB_NOT_MASKED),
+            suspects=[(sequence_dense.embedding_unmasked(case.table, case.ids, view.size),
+                       sequence_dense.EMB_NOT_MASKED),
                       (sequence_dense.embedding_with_starts(case.table, case.ids, view.size, [
                           r * (hi - lo) for r, (lo, hi) in enumerate(
-                              data.balanced(vocab, view.size))]), sequence_dense.EVEN_SPLIT_OFFSET)]))
+                              data.balanced(vocab, view.size))]),
+                       sequence_dense.EVEN_SPLIT_OFFSET)]))
     _traced_counts(view, "seqcounts.emb_forward", "counts", {"allreduce": 1})
 
 
@@ -279,8 +285,10 @@ def emb_backward(view):
     def verdict(rank):
         lo, hi = data.balanced(data.VOCAB, view.size)[rank]
         return mismatch(view.tensor(rank, "gw"), grad[lo:hi], ".weight.grad (this rank's rows "
-                        "of the dense table gradient)", missing=runner_judge.NOT_CONNECTED, suspects=[
-                            (sequence_dense.embedding_grad_leak(grad[lo:hi], case.ids, case.g, lo, hi),
+                        "of the dense table gradient)", missing=runner_judge.NOT_CONNECTED,
+                        suspects=[
+                            (sequence_dense.embedding_grad_leak(grad[lo:hi], case.ids, case.g,
+                                                                lo, hi),
                              sequence_dense.EMB_GRAD_LEAK)])
     view.each("emb.grad_weight", verdict)
     _traced_counts(view, "seqcounts.emb_backward", "counts", {})

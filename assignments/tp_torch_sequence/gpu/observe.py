@@ -83,7 +83,8 @@ def _sp_maker(ctx):
     w1, w2 = case.masters(ctx.rank, ctx.size)
 
     def make():
-        layer = ctx.build(ctx.m.LayerSP, h, f, bias=True, w1=runner_observe.cpu(w1), w2=runner_observe.cpu(w2),
+        layer = ctx.build(ctx.m.LayerSP, h, f, bias=True, w1=runner_observe.cpu(w1),
+                          w2=runner_observe.cpu(w2),
                           activation=runner_observe.MLP_ACTIVATION, eps=data.EPS)
         for param, value in ((layer.ln.weight, case.ln_w), (layer.ln.bias, case.ln_b),
                              (layer.fc1.bias, case.b1[units]), (layer.fc2.bias, case.b2)):
@@ -192,7 +193,8 @@ def emb_errors(ctx):
     for key, bad in (("too_large", data.VOCAB), ("negative", -1)):
         ids = case.ids.copy()
         ids[0, 0] = bad
-        ctx.report(key, ctx.phase(lambda ids=ids: runner_observe.outcome(lambda: layer(ctx.tensor(ids)))))
+        ctx.report(key, ctx.phase(
+            lambda ids=ids: runner_observe.outcome(lambda: layer(ctx.tensor(ids)))))
     wrong = torch.zeros(data.VOCAB + 2, data.EMB_DIM)
     ctx.report("bad_shape", ctx.phase(lambda: runner_observe.outcome(lambda: ctx.build(
         ctx.m.VocabParallelEmbedding, data.VOCAB, data.EMB_DIM, master_weight=wrong))))

@@ -135,7 +135,8 @@ SAYS = {
     "tseq_emb_no_id_check": ("emb.bad_ids@1", "no error raised"),
     "tseq_ce_no_max": ("ce.large_logits@1", "exp overflowed"),
     "tseq_ce_gathers_logits": ("seqcounts.ce_sizes@2", "the logits travelled"),
-    "tseq_ce_max_in_graph": ("ce.grad_logits@2", "values differ from the dense result by up to nan"),
+    "tseq_ce_max_in_graph": ("ce.grad_logits@2",
+                             "values differ from the dense result by up to nan"),
 }
 
 
