@@ -4,8 +4,9 @@ any comparison reads it.
 The torch notebooks' checks run their rank functions in the student's process (under the judge)
 and get back whatever that process sends: a solution cell can change it (return fewer ranks'
 results, an empty list, a dict with keys missing, None where a zip or an all() over nothing would
-pass). The gpu_runner's judges read what torchrun ranks wrote, student code running beside them.
-So each declares the reply it expects, and the reply is validated whole first:
+pass). So each declares the reply it expects, and the reply is validated whole first (the
+gpu_runner's judges read what torchrun ranks wrote through gpu_runner.records, whose readers
+fail the sub-check of a record that is missing or malformed):
 
     REPLY = replies.ranks(2, replies.tensors("x.grad", "the output", "the input's .grad"))
     per_rank = run_on_ranks(_f_and_g, 2, copy_to_tp_region, ..., reply=REPLY)
@@ -185,43 +186,6 @@ class Mapping(Reply):
             fail(says(f"{where}: {self.what}", f"has no {', '.join(map(repr, missing))}"))
         return {self.keys.check(k, where): self.values.check(v, f"{where}, {self.what}[{k!r}]")
                 for k, v in value.items()}
-
-
-class Fields(Reply):
-    """A dict holding exactly these keys (more are ignored), each validated by its own part."""
-
-    def __init__(self, what, **fields):
-        self.what, self.fields = what, fields
-
-    def describe(self):
-        return self.what
-
-    def check(self, value, where):
-        if not isinstance(value, dict):
-            fail(says(f"{where}: {self.what}", f"came back as {_kind(value)}, expected a "
-                                               f"record of {', '.join(self.fields)}"))
-        missing = [k for k in self.fields if k not in value]
-        if missing:
-            fail(says(f"{where}: {self.what}", f"has no {', '.join(missing)}"))
-        return {k: part.check(value[k], f"{where}: {self.what}") for k, part in
-                self.fields.items()}
-
-
-class Decoded(Reply):
-    """A value read by `decode` (a gpu_runner record reader), whose ValueError is the failure."""
-
-    def __init__(self, what, decode):
-        self.what, self.decode = what, decode
-
-    def describe(self):
-        return self.what
-
-    def check(self, value, where):
-        try:
-            self.decode(value)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            fail(says(f"{where}: {self.what}", f"is not valid ({str(exc)[:200]})"))
-        return value
 
 
 class Ranks(Reply):
