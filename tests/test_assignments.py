@@ -75,7 +75,7 @@ def test_the_sandbox_shows_an_assignments_checks_and_units_not_its_examples(tmp_
                 "hw1/grades.json", "hw1/__pycache__/checks.cpython-311.pyc",
                 "hw1/__pycache__/examples.cpython-311.pyc", "hw1/gpu/plan.py",
                 "hw1/tests/test_hw1.py", "hw2/__init__.py", "hw2/examples/__init__.py",
-                "hw2/examples/students.py", "hw2/bench/bench.py"):
+                "hw2/examples/students.py", "hw2/bench/bench.py", "hw2/notebook.pct.py"):
         (package / rel).parent.mkdir(parents=True, exist_ok=True)
         (package / rel).write_text("")
     shown = {p[len(str(package)) + 1:] for p in

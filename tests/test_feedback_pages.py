@@ -77,7 +77,7 @@ def test_configure_puts_the_course_in_nbgrader_pipelines_once():
     autograde = c.Autograde.autograde_preprocessors
     assert len(autograde) == len(Autograde.autograde_preprocessors.default()) + 1
     assert "nbgrader.preprocessors.execute.Execute" not in autograde
-    assert autograde.index(tpgrader.FLAG_REACH) == \
+    assert autograde.index(tpgrader.FLAGS) == \
         autograde.index("nbgrader.preprocessors.saveautogrades.SaveAutoGrades") + 1
     assert autograde.count(tpgrader.JUDGED_EXECUTE) == 1
     generate = c.GenerateAssignment.preprocessors

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import jupytext
+import nbformat
+
 import pytest
 
 import assignments
-from tpcourse import REPO
+from tpcourse import REPO, review_copy
 from tpcourse.release import generate_release, release_files, source_assignments
 from tpcourse.submissions import read
 
@@ -155,3 +158,22 @@ def test_the_release_states_everything_a_test_calls(assignment):
     for path in sorted((REPO / "source" / assignment).glob("*.ipynb")):
         released = read(REPO / "release" / assignment / path.name)
         assert unstated(read(path), released) == [], f"{assignment}/{path.name}"
+
+
+def test_every_source_notebook_has_a_current_review_copy():
+    """assignments/<name>/notebook.pct.py is the notebook as text (make release rewrites it)."""
+    assert review_copy.stale() == [], "run `make release`: the review copies are stale"
+    for notebook, copy in review_copy.copies().items():
+        text = copy.read_text()
+        assert "# %% [markdown]" in text and "### BEGIN SOLUTION" in text, copy
+        assert jupytext.reads(text, fmt=review_copy.FORMAT).cells[0].source == \
+            nbformat.read(notebook, as_version=4).cells[0].source
+
+
+def test_a_stale_review_copy_is_found(monkeypatch, tmp_path):
+    notebook = assignments.discover()[0].notebook
+    copy = tmp_path / review_copy.NAME
+    copy.write_text(review_copy.text_of(notebook).replace("### END SOLUTION", "", 1))
+    monkeypatch.setattr(review_copy, "copies", lambda: {notebook: copy})
+    assert review_copy.stale() == [copy]
+    assert review_copy.write() == [copy] and review_copy.stale() == []

@@ -2,6 +2,8 @@
 
     python -m tpcourse.release          (or `make release`)
 
+It also rewrites the source notebooks' review copies (tpcourse.review_copy).
+
 Every assignment in source/ goes through the real `nbgrader generate_assignment` in a
 temporary course; the release folders it writes replace the repository's release/<assignment>/.
 nbgrader's output depends only on the source notebooks (cell ids and checksums come from the
@@ -19,7 +21,7 @@ from pathlib import Path
 from tpjudge.cells import (bound_names, free_names, is_given, is_solution, is_test, strip_markers,
                           without_magics)
 
-from . import REPO
+from . import REPO, review_copy
 from .cycle import Course
 
 
@@ -127,6 +129,8 @@ def main(argv=None) -> int:
     for name in names:
         files = ", ".join(sorted(release_files(repo / "release" / name)))
         print(f"release/{name}: {files}")
+    for copy in review_copy.write():
+        print(f"rewrote {copy.relative_to(repo)} (the source notebook's review copy)")
     return 0
 
 

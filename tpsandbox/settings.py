@@ -66,9 +66,11 @@ class Sandbox(Configurable):
         "are added automatically).")
     ).tag(config=True)
     private_packages = List(Unicode(), ["tpcourse", "assignments.*.examples",
-                                        "assignments.*.tests", "assignments.*.bench"], help=(
+                                        "assignments.*.tests", "assignments.*.bench",
+                                        "assignments.*.notebook"], help=(
         "Editable-installed packages whose source stays hidden (instructor tooling: tpcourse, "
-        "and each assignment's example students, tests and benchmarks; a dotted pattern hides "
+        "and each assignment's example students, tests, benchmarks and the source notebook's "
+        "review copy, notebook.pct.py; a dotted pattern hides "
         "those modules or folders of a package and shows the rest). Others (tpsim, tpgrade, "
         "an assignment's checks and gpu units) are readable.")).tag(config=True)
     env = Dict(help="Extra environment variables for the student's code.").tag(config=True)
