@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system demo test test-load release bench bench-class grade gpu-check clean
+.PHONY: venv system demo test test-fast test-load release bench bench-class grade gpu-check clean
 
 venv: $(STAMP) system
 
@@ -30,6 +30,11 @@ demo: venv
 TEST_WORKERS ?= 2
 test: venv
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The inner loop (under a minute on 2 cores): the in-process checks of the numpy assignments and
+# their catalogues, the judge, the wire, the layers' contracts, the unit tests. Not what CI runs.
+test-fast: venv
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 # The seven reference notebooks graded on a machine loaded 3 busy processes per core (about 9
 # minutes on 2 cores; not part of `make test`, whose other tests it would slow as much).
