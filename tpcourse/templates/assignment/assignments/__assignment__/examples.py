@@ -8,6 +8,7 @@ recorded in grades.json (`python -m tpcourse.catalogue --write __assignment__`).
 REFERENCE   the instructor's solutions: full marks.
 UNMODIFIED  the release as handed out: zero on every graded cell.
 STUDENTS    classic mistakes, each losing the cells that name it.
+DEMO        the students `make demo` and the course's torchrun tests grade (their gpu_* cells).
 """
 from __future__ import annotations
 
@@ -79,5 +80,6 @@ STUDENTS = [
     _student("torch_no_all_reduce", "each rank returns its partial sum",
              {"gpu_matmul_forward"}, sol_row_parallel_matmul=NO_ALL_REDUCE),
 ]
-BY_NAME = {s.student: s for s in REFERENCE + UNMODIFIED + STUDENTS}
+ALL = REFERENCE + UNMODIFIED + STUDENTS
+BY_NAME = {s.student: s for s in ALL}
 DEMO = ("even_split",)
