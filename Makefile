@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system demo test test-fast test-load release bench bench-class grade gpu-check clean
+.PHONY: venv system demo test test-fast test-load release new-assignment bench bench-class grade gpu-check clean
 
 venv: $(STAMP) system
 
@@ -44,6 +44,11 @@ test-load: venv
 # Regenerate release/ from source/ with nbgrader (commit the result; a test checks it is in sync).
 release: venv
 	$(BIN)/python -m tpcourse.release
+
+# Scaffold an assignment from the template: make new-assignment NAME=<name> writes
+# assignments/<name>/ and source/<name>/<name>.ipynb only (docs/adding-an-assignment.md).
+new-assignment: $(STAMP)
+	$(BIN)/python -m tpcourse.new_assignment $(NAME)
 
 bench: venv
 	$(BIN)/python bench/autograde_bench.py
