@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system demo test test-load release bench bench-class grade gpu-check clean
+.PHONY: venv system demo test test-fast test-load release new-assignment bench bench-class grade gpu-check clean
 
 venv: $(STAMP) system
 
@@ -31,6 +31,11 @@ TEST_WORKERS ?= 2
 test: venv
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+# The inner loop (under a minute on 2 cores): the in-process checks of the numpy assignments and
+# their catalogues, the judge, the wire, the layers' contracts, the unit tests. Not what CI runs.
+test-fast: venv
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
 # The seven reference notebooks graded on a machine loaded 3 busy processes per core (about 9
 # minutes on 2 cores; not part of `make test`, whose other tests it would slow as much).
 test-load: venv
@@ -39,6 +44,11 @@ test-load: venv
 # Regenerate release/ from source/ with nbgrader (commit the result; a test checks it is in sync).
 release: venv
 	$(BIN)/python -m tpcourse.release
+
+# Scaffold an assignment from the template: make new-assignment NAME=<name> writes
+# assignments/<name>/ and source/<name>/<name>.ipynb only (docs/adding-an-assignment.md).
+new-assignment: $(STAMP)
+	$(BIN)/python -m tpcourse.new_assignment $(NAME)
 
 bench: venv
 	$(BIN)/python bench/autograde_bench.py

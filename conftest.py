@@ -19,8 +19,15 @@ from tpcourse.cycle import Course
 FAST_TIMEOUT = "c.Execute.timeout = 10\n"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "nbgrader: runs real nbgrader commands in a temporary course")
+def pytest_collection_modifyitems(config, items):
+    """The tiers (README, "Tests"): whatever runs real nbgrader commands, and the tests of a
+    torch assignment (each starts gloo ranks), are `slow` too, so `make test-fast` leaves them
+    to `make test`."""
+    import assignments
+    torch = {a.folder / "tests" for a in assignments.discover() if a.kind == "torch"}
+    for item in items:
+        if item.get_closest_marker("nbgrader") or item.path.parent in torch:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import keyword
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,13 @@ class Assignment:
         return importlib.import_module(f"{self.package}.{part}")
 
 
-def _read(folder: Path) -> Assignment:
+def valid_name(name: str) -> bool:
+    """Whether `name` can be an assignment's folder: a lowercase identifier, not a keyword (it
+    is a package name: `from assignments.<name> import checks`)."""
+    return bool(_NAME.fullmatch(name)) and not keyword.iskeyword(name)
+
+
+def read_folder(folder: Path) -> Assignment:
     """An assignment's metadata, read from its __init__.py without importing it (declarative:
     simple assignments of literals only)."""
     import ast
@@ -114,8 +121,8 @@ def _read(folder: Path) -> Assignment:
 
 @functools.lru_cache(maxsize=None)
 def _all() -> tuple[Assignment, ...]:
-    found = [_read(d) for d in sorted(HERE.iterdir())
-             if d.is_dir() and _NAME.fullmatch(d.name) and (d / "__init__.py").is_file()]
+    found = [read_folder(d) for d in sorted(HERE.iterdir())
+             if d.is_dir() and valid_name(d.name) and (d / "__init__.py").is_file()]
     orders = [a.order for a in found]
     clash = sorted({o for o in orders if orders.count(o) > 1})
     if clash:

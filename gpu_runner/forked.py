@@ -34,14 +34,16 @@ def _rank(rank, world, port, argv):
 
 
 def grade(student, assignment, source_nb, submitted_nb, sizes, tmp: Path, pg_timeout=10.0,
-          steps=None, max_launches=1) -> dict:
+          steps=None, max_launches=1, step_timeout=0.0) -> dict:
     """The report (gpu_runner.report.build) of `submitted_nb` graded at `sizes` on forked gloo
     ranks: the units of the source's gpu_* cells; `steps`: only the units of these
-    (kind, step)s; `max_launches`: launches in all, a fault ending one (gpu_runner.launch)."""
+    (kind, step)s; `max_launches`: launches in all, a fault ending one (gpu_runner.launch);
+    `step_timeout`: CPU seconds per unit (0: launch.Config's default)."""
     cells = extract.gpu_cells(source_nb)
     module = Path(tmp) / "solution.py"
     extract.write_module(source_nb, submitted_nb, module)
-    cfg = Config(sizes=tuple(sizes), backend="gloo", pg_timeout=pg_timeout)
+    cfg = Config(sizes=tuple(sizes), backend="gloo", pg_timeout=pg_timeout,
+                 step_timeout=step_timeout)
     plan = [u for u in make_plan(assignment, sizes, timing=False, cells=cells)
             if steps is None or (u.kind, u.step) in steps]
     results = {}

@@ -41,6 +41,9 @@ def test_a_forger_loses_exactly_what_its_wrong_answer_alone_loses(tables):
         assert lost[f.student] == lost[f"{f.student}_control"] and lost[f.student], f.why
 
 
+# A student process per student (make test-fast judges the numpy catalogues in one process:
+# test_judge_catalogue.py).
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 @pytest.mark.parametrize("assignment, sub", CASES, ids=lambda v: getattr(v, "student", v))
 def test_the_catalogue_gets_the_recorded_grades(tables, assignment, sub):

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 from traitlets.config import Config
 from traitlets.utils.importstring import import_item
@@ -54,6 +56,7 @@ print(json.dumps(formgrader.config))
 """
 
 
+@pytest.mark.slow                  # starts a Jupyter server
 def test_the_formgrader_config_serialises_inside_a_jupyter_server(tmp_path):
     # What the formgrader's configuration panel shows: the server's config (jupyter_server
     # leaves a LazyConfigValue in it) merged with the course's nbgrader_config.py.

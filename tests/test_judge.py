@@ -154,6 +154,7 @@ def test_changes_in_place_come_back_and_callbacks_run_here(student):
     assert np.array_equal(y, 3 * np.ones(4)) and len(seen) == 1
 
 
+@pytest.mark.slow                  # waits out a limit
 def test_a_loop_is_interrupted_and_the_process_goes_on(student):
     with pytest.raises(CellTimeout):
         _run(student, "while True:\n    pass\n", "loop")
@@ -162,6 +163,7 @@ def test_a_loop_is_interrupted_and_the_process_goes_on(student):
         assert student.lookup("x") == ("value", 1)
 
 
+@pytest.mark.slow                  # waits out a limit
 def test_a_grader_that_ignores_sigint_still_interrupts_a_loop(tmp_path):
     # A grader started as a background job of a script ignores SIGINT, and its children
     # inherit that; the interrupt must still reach the student's loop.
@@ -188,6 +190,7 @@ def test_an_interrupt_that_arrives_after_its_cell_never_reaches_the_next(student
         assert student.lookup("x") == ("value", 1)
 
 
+@pytest.mark.slow                  # waits out a limit
 def test_code_that_ignores_the_interrupt_is_killed_and_later_requests_say_why(student):
     with pytest.raises(StudentGone, match="did not stop"):
         _run(student, "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
@@ -196,6 +199,7 @@ def test_code_that_ignores_the_interrupt_is_killed_and_later_requests_say_why(st
         _run(student, "x = 1")
 
 
+@pytest.mark.slow                  # waits out a limit
 def test_two_cells_in_a_row_past_the_limit_stop_the_process(student):
     for name in ("first", "second"):
         with pytest.raises(CellTimeout):

@@ -63,6 +63,7 @@ def _forger_notebook(f):
     return _notebook(f.submission(reference_answers(SOURCES[f.assignment])))
 
 
+@pytest.mark.slow                  # a fresh interpreter per attack
 @pytest.mark.parametrize("f", [f for f in FORGERS if not f.shell_only], ids=lambda f: f.student)
 def test_in_its_own_process_the_attack_wins_points(tables, f):
     """The attacks are real: run as the kernel ran test cells (one process; a fresh

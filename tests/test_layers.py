@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import assignments
 
 REPO = assignments.REPO
@@ -115,6 +117,7 @@ print(json.dumps(failed))
 '''
 
 
+@pytest.mark.slow                  # an interpreter per module
 def test_every_module_imports_alone():
     modules = course_modules()
     assert len(modules) >= 100
@@ -126,6 +129,7 @@ def test_every_module_imports_alone():
     assert not failed, "\n\n".join(f"{m}:\n{why}" for m, why in failed.items())
 
 
+@pytest.mark.slow                  # an interpreter per module
 def test_an_import_that_fails_alone_is_caught(tmp_path):
     """The check above can fail: a module that imports a half-initialised one (a cycle)."""
     (tmp_path / "cyc").mkdir()

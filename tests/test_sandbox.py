@@ -20,7 +20,8 @@ from nbformat.v4 import new_code_cell, new_notebook
 from tpcourse import REPO
 from tpsandbox import UID_ENV, Sandbox, SandboxUnavailable, problem, require, wrap
 
-pytestmark = pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")
+pytestmark = [pytest.mark.slow,     # sandboxed kernels and graders
+              pytest.mark.skipif(problem() != "", reason=problem() or "sandbox available")]
 
 UID = 64321  # a uid of its own, so that leftover processes are easy to find
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+
 from nbformat.v4 import new_code_cell, new_notebook
 
 from conftest import busy_machine
@@ -22,6 +23,8 @@ from tpjudge.errors import CellTimeout, StudentGone
 from tpjudge.settings import Judge
 from tpsandbox import TimeLimits, problem
 from tpsim import cputime
+
+pytestmark = pytest.mark.slow     # busy machines and real limits
 
 # One CPU-second of work, however long it takes on the clock.
 WORK = ("import time\n_t = time.process_time()\n"

@@ -12,6 +12,8 @@ import torch.distributed as dist  # noqa: E402
 
 from tpsim.ranks import RankError, run_on_ranks  # noqa: E402
 
+pytestmark = pytest.mark.slow     # gloo ranks
+
 
 def rank_and_sum(offset):
     t = torch.tensor([float(dist.get_rank() + offset)])

@@ -310,6 +310,7 @@ def test_a_forged_reply_fails_that_student_with_the_reason(forger, attack, n, sa
         student.close()
 
 
+@pytest.mark.slow                  # waits out a limit
 def test_a_trickled_reply_ends_at_the_cell_limit_and_its_grace(forger):
     """A frame that says 100 KB of header follows, then a byte every 0.2 s, interrupts
     ignored: the wait ends at the cell's limit (1 s) plus its grace (0.5 s), not when the

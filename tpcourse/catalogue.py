@@ -39,6 +39,12 @@ WORLD_SIZES = (1, 2, 3, 4)
 # notebooks' checks start gloo ranks.
 JUDGE_LIMITS = {"numpy": (5, 2), "torch": (60, 5)}
 PG_TIMEOUT = 10.0          # a collective waiting longer fails (the deadlocking students)
+# A student whose code never ends (a loop, a deadlock) loses the same cells under any limit
+# that its other cells fit in; at the limits above it cost most of the catalogue's time, so it
+# is graded with these: the judge's (timeout, grace), and the gpu units' collective wait and
+# CPU seconds per unit (the rest of its cells, which end, use a fraction of them).
+NEVER_ENDS_LIMITS = {"numpy": (2, 1), "torch": (8, 2)}
+NEVER_ENDS_PG_TIMEOUT, NEVER_ENDS_STEP_TIMEOUT = 3.0, 6.0
 
 
 def as_list(entries) -> list:
@@ -49,6 +55,11 @@ def as_list(entries) -> list:
 def is_looping(sub: Submission) -> bool:
     """A student whose code never ends (graded by timeouts; no in-process run can)."""
     return "loop" in sub.student
+
+
+def never_ends(sub: Submission) -> bool:
+    """A student graded by the limits (a loop, or collectives that wait forever)."""
+    return is_looping(sub) or "deadlock" in sub.student
 
 
 def is_crashing(sub: Submission) -> bool:
@@ -113,22 +124,24 @@ def cells(assignment: str) -> dict[str, float]:
 
 
 def gpu_report(sub: Submission, sizes, tmp: Path, pg_timeout=PG_TIMEOUT, steps=None,
-               max_launches=1, source_nb=None) -> dict:
+               max_launches=1, source_nb=None, step_timeout=0.0) -> dict:
     """The gpu_runner's report of `sub` graded at `sizes` on forked gloo ranks
     (gpu_runner.forked): the units of its gpu_* cells, or of the (layer, step)s `steps`;
-    `max_launches`: launches in all, a fault ending one."""
+    `max_launches`: launches in all, a fault ending one; `step_timeout`: CPU seconds per unit
+    (0: the runner's default, twice `pg_timeout`)."""
     from gpu_runner import forked
     name = sub.assignment
     return forked.grade(sub.student, name, source_nb or source(name),
                         build(sub)[f"{name}.ipynb"], sizes, Path(tmp), pg_timeout, steps,
-                        max_launches)
+                        max_launches, step_timeout)
 
 
 def grade(sub: Submission, source_nb=None) -> dict[str, float]:
     """{grade_id: score} of the graded cells `sub` scores below their points."""
     a = registry.get(sub.assignment)
     source_nb = source_nb or source(a.name)
-    timeout, grace = JUDGE_LIMITS[a.kind]
+    endless = never_ends(sub)
+    timeout, grace = (NEVER_ENDS_LIMITS if endless else JUDGE_LIMITS)[a.kind]
     nb = local.with_answers(source_nb, sub.answers.get(a.name, {}),
                             release=a.name in sub.unanswered)
     lost = {gid: 0.0 for gid in local.judge(nb, timeout=timeout, interrupt_grace=grace).failed}
@@ -136,8 +149,10 @@ def grade(sub: Submission, source_nb=None) -> dict[str, float]:
         units, load_dependent = _plan(a.name, source_nb)
         steps = {(u.kind, u.step) for u in units} - set(load_dependent)
         with tempfile.TemporaryDirectory(prefix="tpcourse-catalogue-") as tmp:
+            limits = ({"pg_timeout": NEVER_ENDS_PG_TIMEOUT,
+                       "step_timeout": NEVER_ENDS_STEP_TIMEOUT} if endless else {})
             rep = gpu_report(sub, WORLD_SIZES, tmp, steps=steps, max_launches=4,
-                             source_nb=source_nb)
+                             source_nb=source_nb, **limits)
         skipped = load_dependent_cells(a.name, source_nb)
         lost.update({gid: c["score"] for gid, c in rep["cells"].items()
                      if c["score"] < c["points"] and gid not in skipped})
@@ -156,8 +171,12 @@ def table(assignment: str, log=None) -> dict:
             log(f"{assignment} {sub.student} ({time.perf_counter() - start:.0f} s): "
                 f"{', '.join(lost[sub.student]) or 'full marks'}")
     timeout, grace = JUDGE_LIMITS[a.kind]
-    how = {"judge_timeout": timeout, "interrupt_grace": grace}
+    how = {"judge_timeout": timeout, "interrupt_grace": grace,
+           "never_ends": dict(zip(("judge_timeout", "interrupt_grace"),
+                                  NEVER_ENDS_LIMITS[a.kind]))}
     if a.has_gpu:
+        how["never_ends"].update(pg_timeout=NEVER_ENDS_PG_TIMEOUT,
+                                 step_timeout=NEVER_ENDS_STEP_TIMEOUT)
         how.update(world_sizes=list(WORLD_SIZES), pg_timeout=PG_TIMEOUT,
                    not_recorded=sorted(load_dependent_cells(assignment, source_nb)))
     return {"assignment": assignment, "graded_with": how, "cells": cells(assignment),
