@@ -1,12 +1,13 @@
 """__assignment__'s units, the grader side: the verdicts on what the ranks reported of the
 student's RowParallelMatmul (gpu/observe.py), against the dense float64 reference of the unit's
-data (gpu/data.py), through tpgrade.tensors, as gpu_runner.judge says. numpy only.
+data (gpu/data.py), through tpgrade.verdict, as gpu_runner.judge says. numpy only.
 """
 from __future__ import annotations
 
 from gpu_runner.data import shard
 from gpu_runner.judge import counts
 from tpgrade import tensors
+from tpgrade.verdict import mismatch
 
 from . import data
 
@@ -18,7 +19,7 @@ def matmul_forward(view):
     def forward(rank):
         lo, hi = shard(data.IN, rank, view.size)
         partial = tensors.linear(case.x[:, lo:hi], case.w[:, lo:hi])
-        return tensors.mismatch(view.tensor(rank, "y"), dense, "the output", suspects=[
+        return mismatch(view.tensor(rank, "y"), dense, "the output", suspects=[
             (partial, "only this rank's partial sum: all-reduce the partials over `group`")])
     view.each("matmul.forward", forward)
     counts(view, "counts.matmul_forward", "counts", {"allreduce": 1})

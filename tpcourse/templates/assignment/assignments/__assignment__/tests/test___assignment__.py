@@ -10,7 +10,7 @@ from assignments.__assignment__ import checks, examples
 from tpcourse.catalogue import gpu_report, source
 from tpcourse.submissions import Submission
 from tpjudge.cells import reference_answers
-from tpgrade.compare import CheckFailed
+from tpgrade.verdict import CheckFailed
 
 SOURCE = source(examples.ASSIGNMENT)
 
