@@ -271,3 +271,23 @@ def test_the_sandboxed_student_process_sees_only_its_own_folder(tmp_path):
             assert student.lookup("uid")[1] != 0 or os.geteuid() != 0
     finally:
         student.close()
+
+
+def test_a_forged_exception_is_kept_within_bounds():
+    """A reply may describe an exception of any size the wire allows: the judge keeps a
+    bounded message and traceback, and a bounded set of classes made for student names."""
+    from tpjudge import errors
+    exc = errors.rebuild({"ename": "ValueError", "evalue": "x" * 10**6,
+                          "traceback": ["y" * 10**5] * 10**4})
+    assert isinstance(exc, ValueError)
+    assert len(str(exc)) < errors.MAX_MESSAGE + 100 and "more characters" in str(exc)
+    most, width = errors.MAX_TRACEBACK
+    assert len(exc.student_traceback) == most
+    assert all(len(line) < width + 100 for line in exc.student_traceback)
+    before = len(errors._CLASSES)
+    names = [errors.rebuild({"ename": f"Mine{i}", "bases": ["KeyError"]})
+             for i in range(errors.MAX_CLASSES + 50)]
+    assert len(errors._CLASSES) <= max(before, errors.MAX_CLASSES)
+    assert all(isinstance(e, KeyError) and type(e).__name__ == f"Mine{i}"
+               for i, e in enumerate(names))
+    assert type(errors.rebuild({"ename": "Mine0", "bases": ["KeyError"]})) is type(names[0])

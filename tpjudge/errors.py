@@ -21,6 +21,12 @@ class CellTimeout(RuntimeError):
 
 _HARNESS_ERRORS = {("tpsim.ranks", "RankError")}
 _CLASSES: dict = {}
+# What of a student's exception the judge keeps: its outputs go to the notebook, the gradebook
+# and the feedback page, and the judge grades a whole class in one process, so a reply the
+# wire allows (megabytes of message, a new exception class per call) must not grow them.
+MAX_MESSAGE = 20_000          # characters of the message (the rest is cut, and says so)
+MAX_TRACEBACK = (200, 2_000)  # lines, characters per line
+MAX_CLASSES = 1_000           # exception classes made for student names, across students
 # Exceptions that must never unwind the judge itself: re-raised as ordinary Exceptions.
 _SPECIAL = {"SystemExit", "KeyboardInterrupt", "GeneratorExit", "BaseException"}
 
@@ -31,15 +37,21 @@ def rebuild(desc) -> Exception:
     built-in base, so `except ValueError` in a check behaves as if the code ran here."""
     desc = desc if isinstance(desc, dict) else {}
     name = str(desc.get("ename") or "Exception")[:100]
-    message = str(desc.get("evalue", ""))
+    message = _cut(str(desc.get("evalue", "")), MAX_MESSAGE)
     module = str(desc.get("module", ""))
     if (module, name) in _HARNESS_ERRORS:
         exc = _harness_error(name, message, desc.get("attrs") or {})
     else:
         exc = _class(name, desc.get("bases") or [])(message)
     lines = desc.get("traceback")
-    exc.student_traceback = [str(line) for line in lines] if isinstance(lines, list) else []
+    most, width = MAX_TRACEBACK
+    exc.student_traceback = ([_cut(str(line), width) for line in lines[-most:]]
+                             if isinstance(lines, list) else [])
     return exc
+
+
+def _cut(text: str, most: int) -> str:
+    return text if len(text) <= most else f"{text[:most]} ... ({len(text) - most} more characters)"
 
 
 def _class(name: str, bases) -> type:
@@ -50,9 +62,12 @@ def _class(name: str, bases) -> type:
                  and isinstance(getattr(builtins, b, None), type)
                  and issubclass(getattr(builtins, b), Exception)), Exception)
     key = (name, base)
-    if key not in _CLASSES:
-        _CLASSES[key] = type(name if name.isidentifier() else "StudentError", (base,), {})
-    return _CLASSES[key]
+    if key in _CLASSES:
+        return _CLASSES[key]
+    made = type(name if name.isidentifier() else "StudentError", (base,), {})
+    if len(_CLASSES) < MAX_CLASSES:
+        _CLASSES[key] = made
+    return made
 
 
 def _harness_error(name, message, attrs):
