@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import tpsim
+from tpgrade import verdict
 from tpjudge import local, session, wire
 from tpjudge.errors import CellTimeout, StudentGone
 from tpjudge.settings import Judge
@@ -291,3 +292,23 @@ def test_a_forged_exception_is_kept_within_bounds():
     assert all(isinstance(e, KeyError) and type(e).__name__ == f"Mine{i}"
                for i, e in enumerate(names))
     assert type(errors.rebuild({"ename": "Mine0", "bases": ["KeyError"]})) is type(names[0])
+
+
+def test_changes_in_place_inside_dicts_and_to_size_or_dtype_come_back(student):
+    """A layer that scales params["Wq"] in place, a function that resizes x or reinterprets
+    its dtype: the caller's objects here change as the student's did, so an
+    `*_inputs_unmodified` check (tpgrade.verdict.changed) sees it."""
+    _run(student, "def f(params, x, y):\n"
+                  "    params['Wq'] *= 2\n    params['nested'][0][:] = 7\n"
+                  "    x.resize((3,), refcheck=False)\n    y.dtype = 'float32'\n")
+    params = {"Wq": np.ones((2, 2)), "nested": [np.zeros(2)], "n": 1}
+    x, y = np.arange(2.0), np.zeros(2)
+    before = verdict.snapshot((params, x, y))
+    with student.cell_limit("test"):
+        _fn(student, "f")(params, x, y)
+    assert np.array_equal(params["Wq"], 2 * np.ones((2, 2)))
+    assert np.array_equal(params["nested"][0], [7.0, 7.0])
+    assert x.shape == (3,) and np.array_equal(x, [0.0, 1.0, 0.0])
+    assert y.dtype == np.float32 and y.shape == (4,)
+    said = verdict.changed(before, (params, x, y), "the arguments")
+    assert "['Wq'] holds other values" in said

@@ -342,21 +342,39 @@ def _remote_ref(obj, encoder):
 
 
 def _copy_back(sent, returned, depth=0) -> None:
-    """Arrays the student's code changed in place (also inside lists, as a list of per-rank
-    shards): change ours the same way, so a check sees what the student's code did."""
-    if not isinstance(returned, (list, tuple)) or depth > wire.MAX_DEPTH:
+    """Arrays the student's code changed in place (also inside lists, tuples and dicts: a list
+    of per-rank shards, a dict of parameters): change ours the same way, so a check sees what
+    the student's code did (values, and shape, size or dtype where numpy lets an array change
+    them in place)."""
+    if depth > wire.MAX_DEPTH:
         return
-    for mine, theirs in zip(sent, returned):
-        if type(mine) in (list, tuple):
+    if isinstance(sent, dict) and isinstance(returned, dict):
+        pairs = [(sent[k], returned[k]) for k in sent if k in returned]
+    elif isinstance(sent, (list, tuple)) and isinstance(returned, (list, tuple)):
+        pairs = zip(sent, returned)
+    else:
+        return
+    for mine, theirs in pairs:
+        if type(mine) in (list, tuple, dict):
             _copy_back(mine, theirs, depth + 1)
         elif (isinstance(mine, np.ndarray) and isinstance(theirs, np.ndarray)
-                and mine.flags.writeable and mine.dtype == theirs.dtype
-                and mine.size == theirs.size):
-            if mine.shape != theirs.shape:     # `x.shape = ...` inside the student's function
-                with contextlib.suppress(AttributeError, ValueError):
-                    mine.shape = theirs.shape
-            if mine.shape == theirs.shape:
-                np.copyto(mine, theirs)
+                and mine.flags.writeable):
+            _mirror(mine, theirs)
+
+
+def _mirror(mine: np.ndarray, theirs: np.ndarray) -> None:
+    """Make `mine` what the student's code made its copy: `x.dtype = ...`, `x.shape = ...`,
+    `x.resize(...)`, then the values. Where numpy refuses one (a view cannot be resized),
+    ours keeps its old form and values, and the check compares what it can."""
+    with contextlib.suppress(AttributeError, ValueError, TypeError):
+        if mine.dtype != theirs.dtype and mine.nbytes == theirs.nbytes:
+            mine.dtype = theirs.dtype
+        if mine.shape != theirs.shape and mine.size == theirs.size:
+            mine.shape = theirs.shape
+        if mine.shape != theirs.shape and mine.dtype == theirs.dtype:
+            mine.resize(theirs.shape, refcheck=False)
+    if mine.shape == theirs.shape and mine.dtype == theirs.dtype:
+        np.copyto(mine, theirs)
 
 
 def start(workdir: str, settings, wrap=None, scratch: Path | None = None, cleanup=None,

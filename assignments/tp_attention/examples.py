@@ -282,6 +282,21 @@ RESIDUAL_EVERY_RANK = _student(
     return all_reduce(partials) + P["b2"]
 ''')
 
+PARAMS_SCALED_IN_PLACE = _student(
+    "layer_params_scaled_in_place", "right values, but doubles the caller's params['Wq'] in "
+    "place after using it (a 'cache' of a pre-scaled weight): the caller's model changes",
+    {"test_layer_inputs_unmodified"},
+    sol_transformer_layer_tp=f'''{_LAYER_DEF}
+    h = x + attention_tp(layer_norm(x, P["ln1_w"], P["ln1_b"], eps), P["Wq"], P["Wk"],
+                         P["Wv"], P["Wo"], num_heads, num_ranks, num_kv_heads, bo=P["bo"],
+                         causal=causal)
+    a = layer_norm(h, P["ln2_w"], P["ln2_b"], eps)
+    y = all_reduce([activation(a @ W1[s].T + b1[s]) @ W2[:, s].T
+                    for s in shard_slices(W1.shape[0], num_ranks)])
+    params["Wq"] *= 2
+    return h + y + P["b2"]
+''')
+
 # tp_cost: one student text, each mistake a changed line.
 _COST = '''
 def tp_cost(config):
@@ -567,6 +582,7 @@ UNMODIFIED = [Submission("unmodified", ATTENTION, why="the release as handed out
 MISTAKES = [WRONG_SCALING, SOFTMAX_OVER_HEADS, MASK_AFTER_SOFTMAX, KV_NOT_REPLICATED, QKV_THIRDS,
             HEADS_SPLIT_INSIDE, QKV_ALL_REDUCE, BIAS_EVERY_RANK, EMPTY_RANK_SKIPPED, KV_TILE,
             LAYER_EXTRA_ALL_REDUCE, LAYER_NORM_ON_PARTIALS, RESIDUAL_EVERY_RANK,
+            PARAMS_SCALED_IN_PLACE,
             COST_NO_RING_FACTOR, COST_KV_NOT_REPLICATED, COST_BACKWARD_2X, COST_NO_HEAD_CHECK]
 VALID = [ALT_EINSUM, ALT_LOOPS, ALT_FUSED]
 STUDENTS = MISTAKES + VALID
