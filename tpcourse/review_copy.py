@@ -38,16 +38,22 @@ def copies() -> dict[Path, Path]:
     return {a.notebook: a.folder / NAME for a in assignments.discover()}
 
 
+def _stale() -> dict[Path, str]:
+    """{review copy: the text it should hold} for the copies missing or not matching their
+    notebook (each notebook converted once)."""
+    wanted = {copy: text_of(notebook) for notebook, copy in copies().items()}
+    return {copy: text for copy, text in wanted.items()
+            if not copy.is_file() or copy.read_text() != text}
+
+
 def stale() -> list[Path]:
     """The review copies missing or not matching their notebook."""
-    return [copy for notebook, copy in copies().items()
-            if not copy.is_file() or copy.read_text() != text_of(notebook)]
+    return list(_stale())
 
 
 def write() -> list[Path]:
     """Rewrite the stale copies; returns them."""
-    changed = stale()
-    for notebook, copy in copies().items():
-        if copy in changed:
-            copy.write_text(text_of(notebook))
-    return changed
+    changed = _stale()
+    for copy, text in changed.items():
+        copy.write_text(text)
+    return list(changed)
