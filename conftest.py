@@ -41,7 +41,6 @@ def make_course(tmp_path_factory):
 def pytest_sessionstart(session):
     """Under pytest-xdist, give each test worker its own range of sandbox uids, so that per-uid
     process limits (the process-storm test) never couple two workers' kernels."""
-    import os
     from tpsandbox import UID_ENV, Sandbox
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if worker.startswith("gw") and UID_ENV not in os.environ:

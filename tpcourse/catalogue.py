@@ -44,7 +44,7 @@ PG_TIMEOUT = 10.0          # a collective waiting longer fails (the deadlocking 
 # is graded with these: the judge's (timeout, grace), and the gpu units' collective wait and
 # CPU seconds per unit (the rest of its cells, which end, use a fraction of them).
 NEVER_ENDS_LIMITS = {"numpy": (2, 1), "torch": (8, 2)}
-NEVER_ENDS_PG_TIMEOUT, NEVER_ENDS_STEP_TIMEOUT = 3.0, 6.0
+NEVER_ENDS_GPU = {"pg_timeout": 3.0, "step_timeout": 6.0}
 
 
 def as_list(entries) -> list:
@@ -149,10 +149,8 @@ def grade(sub: Submission, source_nb=None) -> dict[str, float]:
         units, load_dependent = _plan(a.name, source_nb)
         steps = {(u.kind, u.step) for u in units} - set(load_dependent)
         with tempfile.TemporaryDirectory(prefix="tpcourse-catalogue-") as tmp:
-            limits = ({"pg_timeout": NEVER_ENDS_PG_TIMEOUT,
-                       "step_timeout": NEVER_ENDS_STEP_TIMEOUT} if endless else {})
             rep = gpu_report(sub, WORLD_SIZES, tmp, steps=steps, max_launches=4,
-                             source_nb=source_nb, **limits)
+                             source_nb=source_nb, **(NEVER_ENDS_GPU if endless else {}))
         skipped = load_dependent_cells(a.name, source_nb)
         lost.update({gid: c["score"] for gid, c in rep["cells"].items()
                      if c["score"] < c["points"] and gid not in skipped})
@@ -175,8 +173,7 @@ def table(assignment: str, log=None) -> dict:
            "never_ends": dict(zip(("judge_timeout", "interrupt_grace"),
                                   NEVER_ENDS_LIMITS[a.kind]))}
     if a.has_gpu:
-        how["never_ends"].update(pg_timeout=NEVER_ENDS_PG_TIMEOUT,
-                                 step_timeout=NEVER_ENDS_STEP_TIMEOUT)
+        how["never_ends"].update(NEVER_ENDS_GPU)
         how.update(world_sizes=list(WORLD_SIZES), pg_timeout=PG_TIMEOUT,
                    not_recorded=sorted(load_dependent_cells(assignment, source_nb)))
     return {"assignment": assignment, "graded_with": how, "cells": cells(assignment),
